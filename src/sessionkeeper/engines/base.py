@@ -1,0 +1,160 @@
+"""The engine contract: the storage-only hooks every engine fills in.
+
+The store validates input, computes policy (ids, expiry, limits) and converts records to
+models; an engine only stores and fetches records, atomically. Every hook that touches a
+session takes ``now`` (Unix seconds from the store's clock): a session whose
+``expires_at <= now`` is absent to every hook but ``purge_expired``, and hooks that read or
+write a live session renew its idle expiry with ``rules.renewed_expiry``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..models import (
+    Change,
+    FolderRecord,
+    MessageRecord,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
+
+__all__ = ["Engine"]
+
+
+class Engine(ABC):
+    """Storage for sessions, messages and folders, scoped by tenant on every call."""
+
+    __slots__ = ()
+
+    #: Short name shown in errors and the CLI.
+    name: str = "engine"
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if needed. Called once, before any other hook."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release every connection and thread the engine opened. Safe to call twice."""
+
+    # --- sessions ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def insert_session(self, record: SessionRecord, now: float) -> None:
+        """Store a new session (``record.state`` is set).
+
+        An expired session with the same id is replaced along with its messages.
+        Raises AlreadyExists if a live one has the id, NotFound if ``record.folder`` is
+        not a folder of ``record.owner``.
+        """
+
+    @abstractmethod
+    async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        """The live session with its state, or None; renews idle expiry."""
+
+    @abstractmethod
+    async def delete_session(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> None:
+        """Delete a live session and its messages. Raises NotFound or VersionConflict."""
+
+    @abstractmethod
+    async def change_session(
+        self, tenant: str, session_id: str, change: Change, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        """Apply ``change`` with ``rules.apply_change``, all of it or none of it.
+
+        Returns the session after the change (with state) and the appended messages with
+        their seqs. Raises NotFound (the session, or a folder the change points at that is
+        not the new owner's), VersionConflict, or InvalidInput from the merge.
+        """
+
+    # --- messages ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def read_messages(
+        self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
+    ) -> list[MessageRecord] | None:
+        """Up to ``limit`` messages with seq > ``after_seq``, oldest first; None if absent."""
+
+    @abstractmethod
+    async def last_messages(
+        self, tenant: str, session_id: str, now: float, limit: int
+    ) -> list[MessageRecord] | None:
+        """The newest ``limit`` messages, oldest first; None if the session is absent."""
+
+    @abstractmethod
+    async def pop_message(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, MessageRecord | None]:
+        """Remove the newest message (if any) and update aggregates with
+        ``rules.remove_messages``. Raises NotFound or VersionConflict."""
+
+    @abstractmethod
+    async def clear_messages(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, int]:
+        """Remove every message; seqs are not reused. Raises NotFound or VersionConflict."""
+
+    # --- queries -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def list_sessions(
+        self, tenant: str, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        """Up to ``query.limit`` live sessions matching ``query``, in its order, after its
+        position. Records may leave ``state`` as None; messages are never loaded."""
+
+    @abstractmethod
+    async def count_sessions(self, tenant: str, query: SessionQuery, now: float) -> int:
+        """How many live sessions match the filters of ``query`` (position ignored)."""
+
+    @abstractmethod
+    async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
+        """Figures over live sessions; ``active_last_24h`` counts those updated at or after
+        ``since``; ``top_owners`` the ``top`` owners with most sessions."""
+
+    # --- folders -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def insert_folder(self, record: FolderRecord) -> None:
+        """Store a new folder. Raises AlreadyExists if the owner has one of that name."""
+
+    @abstractmethod
+    async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
+        """The folder with its count of live sessions, or None."""
+
+    @abstractmethod
+    async def rename_folder(
+        self, tenant: str, folder_id: str, name: str, now: float
+    ) -> FolderRecord:
+        """Rename a folder. Raises NotFound, or AlreadyExists if the name is taken."""
+
+    @abstractmethod
+    async def list_folders(
+        self, tenant: str, owner: str | None, owner_set: bool, now: float
+    ) -> list[FolderRecord]:
+        """Folders (of ``owner`` if ``owner_set``) by name, with counts of live sessions."""
+
+    @abstractmethod
+    async def delete_folder(
+        self,
+        tenant: str,
+        folder_id: str,
+        now: float,
+        reassign_to: str | None,
+        cascade: bool,
+    ) -> int:
+        """Delete a folder. Its sessions move to ``reassign_to`` (a folder of the same
+        owner, else NotFound), are deleted with their messages if ``cascade``, or else are
+        left in no folder; each moved session gets a new version. Returns how many live
+        sessions were moved or deleted. Raises NotFound if the folder does not exist."""
+
+    # --- expiry ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        """Delete up to ``limit`` expired sessions (of ``tenant``, or of every tenant if
+        None) with their messages, in one write. Returns how many were deleted."""

@@ -1,0 +1,328 @@
+"""The in-process engine: dictionaries behind one lock. Fast, and gone when the process ends."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .. import rules
+from ..errors import AlreadyExists, NotFound, VersionConflict
+from ..models import (
+    Change,
+    FolderRecord,
+    MessageRecord,
+    OwnerCount,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
+from .base import Engine
+
+__all__ = ["MemoryEngine"]
+
+
+@dataclass(slots=True)
+class _Tenant:
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    messages: dict[str, list[MessageRecord]] = field(default_factory=dict)
+    folders: dict[str, FolderRecord] = field(default_factory=dict)
+
+
+def _seq(message: MessageRecord) -> int:
+    return message.seq
+
+
+class MemoryEngine(Engine):
+    """Every operation runs under one lock, so each is atomic across threads and tasks.
+
+    Records are replaced, never mutated, so what a caller holds never changes under it.
+    """
+
+    __slots__ = ("_lock", "_tenants")
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tenants: dict[str, _Tenant] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        found = self._tenants.get(tenant)
+        if found is None:
+            found = self._tenants[tenant] = _Tenant()
+        return found
+
+    def _live(self, space: _Tenant, session_id: str, now: float) -> SessionRecord | None:
+        record = space.sessions.get(session_id)
+        if record is None or rules.is_expired(record.expires_at, now):
+            return None
+        return record
+
+    def _touch(self, space: _Tenant, session_id: str, now: float) -> SessionRecord | None:
+        """The live session, with its idle expiry renewed."""
+        record = self._live(space, session_id, now)
+        if record is None or record.idle_ttl is None:
+            return record
+        renewed = rules.renewed_expiry(record.expires_at, record.idle_ttl, record.deadline, now)
+        if renewed != record.expires_at:
+            record = dataclasses.replace(record, expires_at=renewed)
+            space.sessions[session_id] = record
+        return record
+
+    def _writable(
+        self, space: _Tenant, session_id: str, now: float, expected_version: int | None
+    ) -> SessionRecord:
+        record = self._live(space, session_id, now)
+        if record is None:
+            raise NotFound(f"no session {session_id!r}")
+        if expected_version is not None and expected_version != record.version:
+            raise VersionConflict(session_id, expected_version, record.version)
+        return record
+
+    def _check_folder(self, space: _Tenant, folder_id: str | None, owner: str | None) -> None:
+        if folder_id is None:
+            return
+        folder = space.folders.get(folder_id)
+        if folder is None or folder.owner != owner:
+            raise NotFound(f"no folder {folder_id!r} of owner {owner!r}")
+
+    def _drop(self, space: _Tenant, session_id: str) -> None:
+        space.sessions.pop(session_id, None)
+        space.messages.pop(session_id, None)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def insert_session(self, record: SessionRecord, now: float) -> None:
+        with self._lock:
+            space = self._tenant(record.tenant)
+            if self._live(space, record.id, now) is not None:
+                raise AlreadyExists(f"session {record.id!r} already exists")
+            self._check_folder(space, record.folder, record.owner)
+            self._drop(space, record.id)
+            space.sessions[record.id] = record
+            space.messages[record.id] = []
+
+    async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        with self._lock:
+            return self._touch(self._tenant(tenant), session_id, now)
+
+    async def delete_session(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> None:
+        with self._lock:
+            space = self._tenant(tenant)
+            self._writable(space, session_id, now, expected_version)
+            self._drop(space, session_id)
+
+    async def change_session(
+        self, tenant: str, session_id: str, change: Change, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        with self._lock:
+            space = self._tenant(tenant)
+            current = self._writable(space, session_id, now, None)
+            new, appended = rules.apply_change(current, change, now)
+            if "owner" in change.fields or "folder" in change.fields:
+                self._check_folder(space, new.folder, new.owner)
+            space.sessions[session_id] = new
+            if appended:
+                space.messages[session_id].extend(appended)
+            return new, appended
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def read_messages(
+        self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
+    ) -> list[MessageRecord] | None:
+        with self._lock:
+            space = self._tenant(tenant)
+            if self._touch(space, session_id, now) is None:
+                return None
+            messages = space.messages[session_id]
+            start = bisect.bisect_right(messages, after_seq, key=_seq)
+            return messages[start : start + limit]
+
+    async def last_messages(
+        self, tenant: str, session_id: str, now: float, limit: int
+    ) -> list[MessageRecord] | None:
+        with self._lock:
+            space = self._tenant(tenant)
+            if self._touch(space, session_id, now) is None:
+                return None
+            messages = space.messages[session_id]
+            return messages[max(len(messages) - limit, 0) :]
+
+    async def pop_message(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, MessageRecord | None]:
+        with self._lock:
+            space = self._tenant(tenant)
+            current = self._writable(space, session_id, now, expected_version)
+            messages = space.messages[session_id]
+            popped = messages.pop() if messages else None
+            new = (
+                current
+                if popped is None
+                else rules.remove_messages(
+                    current, 1, popped.input_tokens, popped.output_tokens, popped.cost, now
+                )
+            )
+            space.sessions[session_id] = new
+            return new, popped
+
+    async def clear_messages(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, int]:
+        with self._lock:
+            space = self._tenant(tenant)
+            current = self._writable(space, session_id, now, expected_version)
+            removed = len(space.messages[session_id])
+            space.messages[session_id] = []
+            new = rules.remove_messages(
+                current, removed, current.input_tokens, current.output_tokens, current.cost, now
+            )
+            space.sessions[session_id] = new
+            return new, removed
+
+    # --- queries -----------------------------------------------------------------------
+
+    def _matching(self, tenant: str, query: SessionQuery, now: float) -> list[SessionRecord]:
+        space = self._tenant(tenant)
+        return [r for r in space.sessions.values() if rules.matches(r, query, now)]
+
+    async def list_sessions(
+        self, tenant: str, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        with self._lock:
+            found = [r for r in self._matching(tenant, query, now) if rules.is_after_cursor(r, query)]
+        found.sort(key=lambda r: rules.sort_key(r, query), reverse=query.descending)
+        return found[: query.limit]
+
+    async def count_sessions(self, tenant: str, query: SessionQuery, now: float) -> int:
+        with self._lock:
+            return len(self._matching(tenant, query, now))
+
+    async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
+        with self._lock:
+            live = self._matching(tenant, SessionQuery(), now)
+        statuses = Counter(r.status for r in live)
+        owners = Counter(r.owner for r in live)
+        ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
+        total = len(live)
+        return Stats(
+            total=total,
+            active=statuses["active"],
+            completed=statuses["completed"],
+            archived=statuses["archived"],
+            active_last_24h=sum(1 for r in live if r.updated_at >= since),
+            completion_rate=statuses["completed"] / total if total else 0.0,
+            messages=sum(r.message_count for r in live),
+            input_tokens=sum(r.input_tokens for r in live),
+            output_tokens=sum(r.output_tokens for r in live),
+            cost=sum(r.cost for r in live),
+            top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
+        )
+
+    # --- folders -----------------------------------------------------------------------
+
+    def _name_taken(self, space: _Tenant, owner: str | None, name: str) -> bool:
+        return any(f.owner == owner and f.name == name for f in space.folders.values())
+
+    def _counted(self, space: _Tenant, folder: FolderRecord, now: float) -> FolderRecord:
+        count = sum(
+            1
+            for r in space.sessions.values()
+            if r.folder == folder.id and not rules.is_expired(r.expires_at, now)
+        )
+        return dataclasses.replace(folder, session_count=count)
+
+    async def insert_folder(self, record: FolderRecord) -> None:
+        with self._lock:
+            space = self._tenant(record.tenant)
+            if self._name_taken(space, record.owner, record.name):
+                raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
+            if record.id in space.folders:
+                raise AlreadyExists(f"folder {record.id!r} already exists")
+            space.folders[record.id] = record
+
+    async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
+        with self._lock:
+            space = self._tenant(tenant)
+            folder = space.folders.get(folder_id)
+            return None if folder is None else self._counted(space, folder, now)
+
+    async def rename_folder(
+        self, tenant: str, folder_id: str, name: str, now: float
+    ) -> FolderRecord:
+        with self._lock:
+            space = self._tenant(tenant)
+            folder = space.folders.get(folder_id)
+            if folder is None:
+                raise NotFound(f"no folder {folder_id!r}")
+            if folder.name != name and self._name_taken(space, folder.owner, name):
+                raise AlreadyExists(f"owner {folder.owner!r} already has a folder {name!r}")
+            space.folders[folder_id] = folder = dataclasses.replace(folder, name=name)
+            return self._counted(space, folder, now)
+
+    async def list_folders(
+        self, tenant: str, owner: str | None, owner_set: bool, now: float
+    ) -> list[FolderRecord]:
+        with self._lock:
+            space = self._tenant(tenant)
+            chosen = [f for f in space.folders.values() if not owner_set or f.owner == owner]
+            counted = [self._counted(space, f, now) for f in chosen]
+        counted.sort(key=lambda f: (f.owner or "", f.name, f.id))
+        return counted
+
+    async def delete_folder(
+        self,
+        tenant: str,
+        folder_id: str,
+        now: float,
+        reassign_to: str | None,
+        cascade: bool,
+    ) -> int:
+        with self._lock:
+            space = self._tenant(tenant)
+            folder = space.folders.get(folder_id)
+            if folder is None:
+                raise NotFound(f"no folder {folder_id!r}")
+            if reassign_to is not None:
+                self._check_folder(space, reassign_to, folder.owner)
+            members = [r for r in space.sessions.values() if r.folder == folder_id]
+            live = sum(1 for r in members if not rules.is_expired(r.expires_at, now))
+            for record in members:
+                if cascade:
+                    self._drop(space, record.id)
+                else:
+                    space.sessions[record.id] = dataclasses.replace(
+                        record, folder=reassign_to, version=record.version + 1, updated_at=now
+                    )
+            del space.folders[folder_id]
+            return live
+
+    # --- expiry ------------------------------------------------------------------------
+
+    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        with self._lock:
+            spaces = [self._tenant(tenant)] if tenant is not None else list(self._tenants.values())
+            purged = 0
+            for space in spaces:
+                expired = [
+                    sid
+                    for sid, r in space.sessions.items()
+                    if rules.is_expired(r.expires_at, now)
+                ][: limit - purged]
+                for session_id in expired:
+                    self._drop(space, session_id)
+                purged += len(expired)
+                if purged >= limit:
+                    break
+            return purged

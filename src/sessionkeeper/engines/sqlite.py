@@ -1,0 +1,920 @@
+"""The SQLite engine: WAL, one writer thread that group-commits, and reader threads.
+
+Writes from every task queue up for one writer thread, which runs all that are waiting in
+one ``BEGIN IMMEDIATE`` transaction, each inside its own savepoint (so one failing write
+leaves the others whole), then commits once and hands out the results. Readers run on
+their own threads and connections and never wait for the writer. Other processes are kept
+out by SQLite's write lock, waited for up to ``sqlite_busy_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .. import rules
+from ..errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    NotFound,
+    VersionConflict,
+)
+from ..models import (
+    Change,
+    FolderRecord,
+    MessageRecord,
+    OwnerCount,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
+from ..settings import Settings
+from .base import Engine
+
+__all__ = ["SCHEMA_VERSION", "SQLiteEngine", "list_sql"]
+
+T = TypeVar("T")
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sessions (
+            pk INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            owner TEXT,
+            folder TEXT,
+            title TEXT NOT NULL,
+            status TEXT NOT NULL,
+            step TEXT,
+            version INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            expires_at REAL,
+            idle_ttl REAL,
+            deadline REAL,
+            message_count INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            metadata TEXT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX sessions_by_id ON sessions (tenant, id)",
+        "CREATE INDEX sessions_by_created ON sessions (tenant, created_at, id)",
+        "CREATE INDEX sessions_by_updated ON sessions (tenant, updated_at, id)",
+        "CREATE INDEX sessions_by_owner_created ON sessions (tenant, owner, created_at, id)",
+        "CREATE INDEX sessions_by_owner_updated ON sessions (tenant, owner, updated_at, id)",
+        "CREATE INDEX sessions_by_folder ON sessions (tenant, folder, created_at, id)",
+        "CREATE INDEX sessions_by_status ON sessions (tenant, status, created_at, id)",
+        "CREATE INDEX sessions_by_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL",
+        # State lives apart so appends and listings never read or rewrite it.
+        "CREATE TABLE states (session_pk INTEGER PRIMARY KEY, state TEXT NOT NULL)",
+        """CREATE TABLE messages (
+            session_pk INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (session_pk, seq)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE folders (
+            tenant TEXT NOT NULL,
+            id TEXT NOT NULL,
+            owner TEXT,
+            name TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, id)
+        )""",
+        "CREATE UNIQUE INDEX folders_by_name ON folders (tenant, ifnull(owner, ''), name)",
+    ),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+_RECORD = (
+    "s.tenant, s.id, s.owner, s.folder, s.title, s.status, s.step, s.metadata, {state}, "
+    "s.version, s.created_at, s.updated_at, s.expires_at, s.idle_ttl, s.deadline, "
+    "s.message_count, s.last_seq, s.input_tokens, s.output_tokens, s.cost"
+)
+_WITH_STATE = (
+    f"SELECT s.pk, {_RECORD.format(state='st.state')} FROM sessions s "
+    "JOIN states st ON st.session_pk = s.pk WHERE s.tenant = ? AND s.id = ?"
+)
+_WITHOUT_STATE = (
+    f"SELECT s.pk, {_RECORD.format(state='NULL')} FROM sessions s "
+    "WHERE s.tenant = ? AND s.id = ?"
+)
+_UPDATE_SESSION = (
+    "UPDATE sessions SET owner = ?, folder = ?, title = ?, status = ?, step = ?, metadata = ?, "
+    "version = ?, updated_at = ?, expires_at = ?, message_count = ?, last_seq = ?, "
+    "input_tokens = ?, output_tokens = ?, cost = ? WHERE pk = ?"
+)
+_INSERT_SESSION = (
+    "INSERT INTO sessions (tenant, id, owner, folder, title, status, step, metadata, version, "
+    "created_at, updated_at, expires_at, idle_ttl, deadline, message_count, last_seq, "
+    "input_tokens, output_tokens, cost) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (session_pk, seq, role, content, input_tokens, output_tokens, cost, "
+    "metadata, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+_MESSAGE = "seq, role, content, input_tokens, output_tokens, cost, metadata, created_at"
+_LIVE = "(s.expires_at IS NULL OR s.expires_at > ?)"
+_FOLDER = (
+    "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, "
+    f"(SELECT count(*) FROM sessions s WHERE s.tenant = f.tenant AND s.folder = f.id AND {_LIVE}) "
+    "FROM folders f"
+)
+
+# Engines still open in this process; a forked child must not use them.
+_OPEN_ENGINES: weakref.WeakSet[SQLiteEngine] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for engine in list(_OPEN_ENGINES):
+        engine._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _wrap(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        wrapped = BackendUnavailable(f"sqlite: {exc}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
+
+
+class _Worker:
+    """A thread that owns one connection and runs queued jobs in batches.
+
+    A writer runs each batch in one transaction with a savepoint per job; a reader runs
+    each job in its own read transaction.
+    """
+
+    __slots__ = ("_conn", "_queue", "_thread", "_writer")
+
+    MAX_BATCH = 256
+
+    def __init__(self, conn: sqlite3.Connection, name: str, writer: bool) -> None:
+        self._conn = conn
+        self._writer = writer
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn, future, loop))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                batch = [job]
+                stopping = False
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    batch.append(more)
+                results = self._write(conn, batch) if self._writer else self._read(conn, batch)
+                self._hand_out(batch, results)
+                if stopping:
+                    return
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for job in batch:
+            try:
+                conn.execute("BEGIN")
+                try:
+                    results.append((True, job.fn(conn)))
+                finally:
+                    conn.execute("COMMIT")
+            except BaseException as exc:
+                results.append((False, _wrap(exc)))
+        return results
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = BackendUnavailable(f"sqlite: could not start a write: {exc}")
+            error.__cause__ = exc
+            return [(False, error)] * len(batch)
+        results: list[tuple[bool, Any]] = []
+        for job in batch:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = job.fn(conn)
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    results.append((False, _wrap(exc)))
+                    break
+                results.append((False, _wrap(exc)))
+            else:
+                conn.execute("RELEASE job")
+                results.append((True, value))
+        try:
+            if len(results) < len(batch):
+                raise sqlite3.OperationalError("the transaction was aborted")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = BackendUnavailable(f"sqlite: the write was not committed: {exc}")
+            error.__cause__ = exc
+            return [(False, error)] * len(batch)
+        return results
+
+    @staticmethod
+    def _hand_out(batch: list[_Job], results: list[tuple[bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]]
+        by_loop = {}
+        for job, (ok, value) in zip(batch, results, strict=True):
+            by_loop.setdefault(job.loop, []).append((job.future, ok, value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed while the job ran: nobody is waiting
+                pass
+
+
+def _session(row: tuple[Any, ...]) -> tuple[int, SessionRecord]:
+    return row[0], SessionRecord(*row[1:])
+
+
+def _live_row(
+    conn: sqlite3.Connection, sql: str, tenant: str, session_id: str, now: float
+) -> tuple[int, SessionRecord] | None:
+    row = conn.execute(sql, (tenant, session_id)).fetchone()
+    if row is None:
+        return None
+    pk, record = _session(row)
+    if rules.is_expired(record.expires_at, now):
+        return None
+    return pk, record
+
+
+def _writable(
+    conn: sqlite3.Connection,
+    sql: str,
+    tenant: str,
+    session_id: str,
+    now: float,
+    expected_version: int | None,
+) -> tuple[int, SessionRecord]:
+    found = _live_row(conn, sql, tenant, session_id, now)
+    if found is None:
+        raise NotFound(f"no session {session_id!r}")
+    if expected_version is not None and expected_version != found[1].version:
+        raise VersionConflict(session_id, expected_version, found[1].version)
+    return found
+
+
+def _save(conn: sqlite3.Connection, pk: int, r: SessionRecord) -> None:
+    conn.execute(
+        _UPDATE_SESSION,
+        (
+            r.owner,
+            r.folder,
+            r.title,
+            r.status,
+            r.step,
+            r.metadata,
+            r.version,
+            r.updated_at,
+            r.expires_at,
+            r.message_count,
+            r.last_seq,
+            r.input_tokens,
+            r.output_tokens,
+            r.cost,
+            pk,
+        ),
+    )
+
+
+def _check_folder(
+    conn: sqlite3.Connection, tenant: str, folder_id: str | None, owner: str | None
+) -> None:
+    if folder_id is None:
+        return
+    row = conn.execute(
+        "SELECT 1 FROM folders WHERE tenant = ? AND id = ? AND owner IS ?",
+        (tenant, folder_id, owner),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no folder {folder_id!r} of owner {owner!r}")
+
+
+def _drop_sessions(conn: sqlite3.Connection, pks: list[tuple[int]]) -> None:
+    conn.executemany("DELETE FROM messages WHERE session_pk = ?", pks)
+    conn.executemany("DELETE FROM states WHERE session_pk = ?", pks)
+    conn.executemany("DELETE FROM sessions WHERE pk = ?", pks)
+
+
+def _where(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
+    clauses = ["s.tenant = ?", _LIVE]
+    params: list[Any] = [tenant, now]
+    if query.owner_set:
+        clauses.append("s.owner IS ?")
+        params.append(query.owner)
+    if query.folder_set:
+        clauses.append("s.folder IS ?")
+        params.append(query.folder)
+    if query.status is not None:
+        clauses.append("s.status = ?")
+        params.append(query.status)
+    for column, op, value in (
+        ("created_at", ">=", query.created_since),
+        ("created_at", "<", query.created_before),
+        ("updated_at", ">=", query.updated_since),
+        ("updated_at", "<", query.updated_before),
+    ):
+        if value is not None:
+            clauses.append(f"s.{column} {op} ?")
+            params.append(value)
+    if query.title_contains is not None:
+        clauses.append("instr(lower(s.title), ?) > 0")
+        params.append(query.title_contains)
+    return " AND ".join(clauses), params
+
+
+def list_sql(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
+    """The SELECT a listing runs (public so tests can check its query plan)."""
+    where, params = _where(tenant, query, now)
+    key = "s.created_at" if query.order_by == "created_at" else "s.updated_at"
+    direction = "DESC" if query.descending else "ASC"
+    if query.after_key is not None:
+        where += f" AND ({key}, s.id) {'<' if query.descending else '>'} (?, ?)"
+        params += [query.after_key, query.after_id]
+    sql = (
+        f"SELECT s.pk, {_RECORD.format(state='NULL')} FROM sessions s WHERE {where} "
+        f"ORDER BY {key} {direction}, s.id {direction} LIMIT ?"
+    )
+    return sql, [*params, query.limit]
+
+
+class SQLiteEngine(Engine):
+    """Sessions in one SQLite file (WAL): durable, safe for many threads and processes."""
+
+    __slots__ = ("__weakref__", "_forked", "_next_reader", "_readers", "_writer", "path", "settings")
+    name = "sqlite"
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.path = path
+        self.settings = settings
+        self._writer: _Worker | None = None
+        self._readers: list[_Worker] = []
+        self._next_reader = itertools.count()
+        self._forked = False
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.settings.sqlite_busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.settings.sqlite_synchronous.upper()}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if current > SCHEMA_VERSION:
+                raise BackendUnavailable(
+                    f"{self.path} has schema version {current}, newer than this sessionkeeper "
+                    f"knows ({SCHEMA_VERSION}): upgrade sessionkeeper"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version VALUES (?, strftime('%s', 'now'))", (version,)
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _open_sync(self) -> None:
+        if not self.path.parent.is_dir():
+            raise BackendUnavailable(f"sqlite: the folder {self.path.parent} does not exist")
+        try:
+            writer = self._connect()
+            self._migrate(writer)
+            readers = [self._connect() for _ in range(self.settings.sqlite_readers)]
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"sqlite: cannot open {self.path}: {exc}") from exc
+        self._writer = _Worker(writer, f"sessionkeeper-sqlite-writer:{self.path}", True)
+        self._readers = [
+            _Worker(conn, f"sessionkeeper-sqlite-reader-{i}:{self.path}", False)
+            for i, conn in enumerate(readers)
+        ]
+        _OPEN_ENGINES.add(self)
+
+    async def open(self) -> None:
+        if self._writer is None:
+            await asyncio.to_thread(self._open_sync)
+
+    async def close(self) -> None:
+        workers = [w for w in (self._writer, *self._readers) if w is not None]
+        self._writer, self._readers = None, []
+        _OPEN_ENGINES.discard(self)
+        if workers and not self._forked:
+            await asyncio.to_thread(lambda: [w.stop() for w in workers])
+
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise BackendUnavailable(
+                "this SQLite store was opened before fork(); open a new one in the child"
+            )
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        self._check_usable()
+        if self._writer is None:
+            raise BackendUnavailable("the SQLite engine is closed")
+        return self._writer.submit(fn)
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        self._check_usable()
+        if not self._readers:
+            raise BackendUnavailable("the SQLite engine is closed")
+        return self._readers[next(self._next_reader) % len(self._readers)].submit(fn)
+
+    async def _renew(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        """Renew an idle session's expiry in a write; None if it is gone."""
+        return await self._write(partial(_w_touch, tenant, session_id, now))
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def insert_session(self, record: SessionRecord, now: float) -> None:
+        await self._write(partial(_w_insert, record, now))
+
+    async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        found = await self._read(partial(_r_session, tenant, session_id, now))
+        if found is None:
+            return None
+        record = found[1]
+        if record.idle_ttl is None:
+            return record
+        renewed = await self._renew(tenant, session_id, now)
+        if renewed is None:
+            return None
+        record.expires_at = renewed.expires_at
+        return record
+
+    async def delete_session(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> None:
+        await self._write(partial(_w_delete, tenant, session_id, now, expected_version))
+
+    async def change_session(
+        self, tenant: str, session_id: str, change: Change, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        return await self._write(partial(_w_change, tenant, session_id, change, now))
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def _messages(
+        self, tenant: str, session_id: str, now: float, sql: str, params: tuple[Any, ...]
+    ) -> list[MessageRecord] | None:
+        found = await self._read(partial(_r_messages, tenant, session_id, now, sql, params))
+        if found is None:
+            return None
+        idle, rows = found
+        if idle and await self._renew(tenant, session_id, now) is None:
+            return None
+        return [MessageRecord(session_id, *row) for row in rows]
+
+    async def read_messages(
+        self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
+    ) -> list[MessageRecord] | None:
+        sql = (
+            f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?"
+        )
+        return await self._messages(tenant, session_id, now, sql, (after_seq, limit))
+
+    async def last_messages(
+        self, tenant: str, session_id: str, now: float, limit: int
+    ) -> list[MessageRecord] | None:
+        sql = (
+            f"SELECT * FROM (SELECT {_MESSAGE} FROM messages WHERE session_pk = ? "
+            "ORDER BY seq DESC LIMIT ?) ORDER BY seq"
+        )
+        return await self._messages(tenant, session_id, now, sql, (limit,))
+
+    async def pop_message(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, MessageRecord | None]:
+        return await self._write(partial(_w_pop, tenant, session_id, now, expected_version))
+
+    async def clear_messages(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, int]:
+        return await self._write(partial(_w_clear, tenant, session_id, now, expected_version))
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def list_sessions(
+        self, tenant: str, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        sql, params = list_sql(tenant, query, now)
+
+        def run(conn: sqlite3.Connection) -> list[SessionRecord]:
+            return [_session(row)[1] for row in conn.execute(sql, params)]
+
+        return await self._read(run)
+
+    async def count_sessions(self, tenant: str, query: SessionQuery, now: float) -> int:
+        where, params = _where(tenant, query, now)
+        sql = f"SELECT count(*) FROM sessions s WHERE {where}"
+
+        def run(conn: sqlite3.Connection) -> int:
+            count: int = conn.execute(sql, params).fetchone()[0]
+            return count
+
+        return await self._read(run)
+
+    async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
+        return await self._read(partial(_r_stats, tenant, now, since, top))
+
+    # --- folders -----------------------------------------------------------------------
+
+    async def insert_folder(self, record: FolderRecord) -> None:
+        await self._write(partial(_w_insert_folder, record))
+
+    async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
+        return await self._read(partial(_r_folder, tenant, folder_id, now))
+
+    async def rename_folder(
+        self, tenant: str, folder_id: str, name: str, now: float
+    ) -> FolderRecord:
+        return await self._write(partial(_w_rename_folder, tenant, folder_id, name, now))
+
+    async def list_folders(
+        self, tenant: str, owner: str | None, owner_set: bool, now: float
+    ) -> list[FolderRecord]:
+        sql = f"{_FOLDER} WHERE f.tenant = ?"
+        params: list[Any] = [now, tenant]
+        if owner_set:
+            sql += " AND f.owner IS ?"
+            params.append(owner)
+        sql += " ORDER BY ifnull(f.owner, ''), f.name, f.id"
+
+        def run(conn: sqlite3.Connection) -> list[FolderRecord]:
+            return [FolderRecord(*row) for row in conn.execute(sql, params)]
+
+        return await self._read(run)
+
+    async def delete_folder(
+        self,
+        tenant: str,
+        folder_id: str,
+        now: float,
+        reassign_to: str | None,
+        cascade: bool,
+    ) -> int:
+        return await self._write(
+            partial(_w_delete_folder, tenant, folder_id, now, reassign_to, cascade)
+        )
+
+    # --- expiry ------------------------------------------------------------------------
+
+    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        return await self._write(partial(_w_purge, tenant, now, limit))
+
+
+# --- jobs: each runs on a worker thread with that worker's connection -------------------
+# Writers run inside the writer's transaction and savepoint; readers inside a read
+# transaction. The connection comes last so ``partial`` can bind the rest.
+
+
+def _w_insert(record: SessionRecord, now: float, conn: sqlite3.Connection) -> None:
+    row = conn.execute(
+        "SELECT pk, expires_at FROM sessions WHERE tenant = ? AND id = ?",
+        (record.tenant, record.id),
+    ).fetchone()
+    if row is not None:
+        if not rules.is_expired(row[1], now):
+            raise AlreadyExists(f"session {record.id!r} already exists")
+        _drop_sessions(conn, [(row[0],)])
+    _check_folder(conn, record.tenant, record.folder, record.owner)
+    r = record
+    cursor = conn.execute(
+        _INSERT_SESSION,
+        (
+            r.tenant,
+            r.id,
+            r.owner,
+            r.folder,
+            r.title,
+            r.status,
+            r.step,
+            r.metadata,
+            r.version,
+            r.created_at,
+            r.updated_at,
+            r.expires_at,
+            r.idle_ttl,
+            r.deadline,
+            r.message_count,
+            r.last_seq,
+            r.input_tokens,
+            r.output_tokens,
+            r.cost,
+        ),
+    )
+    conn.execute("INSERT INTO states VALUES (?, ?)", (cursor.lastrowid, r.state))
+
+
+def _r_session(
+    tenant: str, session_id: str, now: float, conn: sqlite3.Connection
+) -> tuple[int, SessionRecord] | None:
+    return _live_row(conn, _WITH_STATE, tenant, session_id, now)
+
+
+def _w_touch(
+    tenant: str, session_id: str, now: float, conn: sqlite3.Connection
+) -> SessionRecord | None:
+    found = _live_row(conn, _WITHOUT_STATE, tenant, session_id, now)
+    if found is None:
+        return None
+    pk, record = found
+    renewed = rules.renewed_expiry(record.expires_at, record.idle_ttl, record.deadline, now)
+    if renewed != record.expires_at:
+        conn.execute("UPDATE sessions SET expires_at = ? WHERE pk = ?", (renewed, pk))
+        record.expires_at = renewed
+    return record
+
+
+def _w_delete(
+    tenant: str,
+    session_id: str,
+    now: float,
+    expected_version: int | None,
+    conn: sqlite3.Connection,
+) -> None:
+    pk, _ = _writable(conn, _WITHOUT_STATE, tenant, session_id, now, expected_version)
+    _drop_sessions(conn, [(pk,)])
+
+
+def _w_change(
+    tenant: str, session_id: str, change: Change, now: float, conn: sqlite3.Connection
+) -> tuple[SessionRecord, list[MessageRecord]]:
+    sql = _WITH_STATE if change.want_state or change.has_state_patch else _WITHOUT_STATE
+    pk, current = _writable(conn, sql, tenant, session_id, now, None)
+    new, appended = rules.apply_change(current, change, now)
+    if "owner" in change.fields or "folder" in change.fields:
+        _check_folder(conn, tenant, new.folder, new.owner)
+    _save(conn, pk, new)
+    if new.state is not current.state:
+        conn.execute("UPDATE states SET state = ? WHERE session_pk = ?", (new.state, pk))
+    if appended:
+        conn.executemany(
+            _INSERT_MESSAGE,
+            [
+                (
+                    pk,
+                    m.seq,
+                    m.role,
+                    m.content,
+                    m.input_tokens,
+                    m.output_tokens,
+                    m.cost,
+                    m.metadata,
+                    m.created_at,
+                )
+                for m in appended
+            ],
+        )
+    return new, appended
+
+
+def _w_pop(
+    tenant: str,
+    session_id: str,
+    now: float,
+    expected_version: int | None,
+    conn: sqlite3.Connection,
+) -> tuple[SessionRecord, MessageRecord | None]:
+    pk, current = _writable(conn, _WITHOUT_STATE, tenant, session_id, now, expected_version)
+    row = conn.execute(
+        f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? ORDER BY seq DESC LIMIT 1", (pk,)
+    ).fetchone()
+    if row is None:
+        return current, None
+    popped = MessageRecord(session_id, *row)
+    conn.execute("DELETE FROM messages WHERE session_pk = ? AND seq = ?", (pk, popped.seq))
+    new = rules.remove_messages(
+        current, 1, popped.input_tokens, popped.output_tokens, popped.cost, now
+    )
+    _save(conn, pk, new)
+    return new, popped
+
+
+def _w_clear(
+    tenant: str,
+    session_id: str,
+    now: float,
+    expected_version: int | None,
+    conn: sqlite3.Connection,
+) -> tuple[SessionRecord, int]:
+    pk, current = _writable(conn, _WITHOUT_STATE, tenant, session_id, now, expected_version)
+    removed = conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,)).rowcount
+    new = rules.remove_messages(
+        current, removed, current.input_tokens, current.output_tokens, current.cost, now
+    )
+    _save(conn, pk, new)
+    return new, removed
+
+
+def _r_messages(
+    tenant: str,
+    session_id: str,
+    now: float,
+    sql: str,
+    params: tuple[Any, ...],
+    conn: sqlite3.Connection,
+) -> tuple[bool, list[tuple[Any, ...]]] | None:
+    row = conn.execute(
+        "SELECT pk, expires_at, idle_ttl FROM sessions WHERE tenant = ? AND id = ?",
+        (tenant, session_id),
+    ).fetchone()
+    if row is None or rules.is_expired(row[1], now):
+        return None
+    return row[2] is not None, conn.execute(sql, (row[0], *params)).fetchall()
+
+
+def _r_stats(tenant: str, now: float, since: float, top: int, conn: sqlite3.Connection) -> Stats:
+    live = f"s.tenant = ? AND {_LIVE}"
+    (total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost) = (
+        conn.execute(
+            "SELECT count(*), total(s.status = 'active'), total(s.status = 'completed'), "
+            "total(s.status = 'archived'), total(s.updated_at >= ?), total(s.message_count), "
+            "total(s.input_tokens), total(s.output_tokens), total(s.cost) "
+            f"FROM sessions s WHERE {live}",
+            (since, tenant, now),
+        ).fetchone()
+    )
+    owners = conn.execute(
+        f"SELECT s.owner, count(*) AS n FROM sessions s WHERE {live} "
+        "GROUP BY s.owner ORDER BY n DESC, ifnull(s.owner, '') LIMIT ?",
+        (tenant, now, top),
+    ).fetchall()
+    return Stats(
+        total=total,
+        active=int(active),
+        completed=int(completed),
+        archived=int(archived),
+        active_last_24h=int(recent),
+        completion_rate=completed / total if total else 0.0,
+        messages=int(messages),
+        input_tokens=int(tokens_in),
+        output_tokens=int(tokens_out),
+        cost=cost,
+        top_owners=[OwnerCount(owner=owner, sessions=n) for owner, n in owners],
+    )
+
+
+def _r_folder(
+    tenant: str, folder_id: str, now: float, conn: sqlite3.Connection
+) -> FolderRecord | None:
+    row = conn.execute(f"{_FOLDER} WHERE f.tenant = ? AND f.id = ?", (now, tenant, folder_id))
+    found = row.fetchone()
+    return None if found is None else FolderRecord(*found)
+
+
+def _w_insert_folder(record: FolderRecord, conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO folders VALUES (?, ?, ?, ?, ?)",
+            (record.tenant, record.id, record.owner, record.name, record.created_at),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise AlreadyExists(
+            f"owner {record.owner!r} already has a folder {record.name!r}"
+        ) from exc
+
+
+def _w_rename_folder(
+    tenant: str, folder_id: str, name: str, now: float, conn: sqlite3.Connection
+) -> FolderRecord:
+    folder = _r_folder(tenant, folder_id, now, conn)
+    if folder is None:
+        raise NotFound(f"no folder {folder_id!r}")
+    try:
+        conn.execute(
+            "UPDATE folders SET name = ? WHERE tenant = ? AND id = ?", (name, tenant, folder_id)
+        )
+    except sqlite3.IntegrityError as exc:
+        raise AlreadyExists(f"owner {folder.owner!r} already has a folder {name!r}") from exc
+    folder.name = name
+    return folder
+
+
+def _w_delete_folder(
+    tenant: str,
+    folder_id: str,
+    now: float,
+    reassign_to: str | None,
+    cascade: bool,
+    conn: sqlite3.Connection,
+) -> int:
+    folder = _r_folder(tenant, folder_id, now, conn)
+    if folder is None:
+        raise NotFound(f"no folder {folder_id!r}")
+    if reassign_to is not None:
+        _check_folder(conn, tenant, reassign_to, folder.owner)
+    if cascade:
+        pks = conn.execute(
+            "SELECT pk FROM sessions WHERE tenant = ? AND folder = ?", (tenant, folder_id)
+        ).fetchall()
+        _drop_sessions(conn, pks)
+    else:
+        conn.execute(
+            "UPDATE sessions SET folder = ?, version = version + 1, updated_at = ? "
+            "WHERE tenant = ? AND folder = ?",
+            (reassign_to, now, tenant, folder_id),
+        )
+    conn.execute("DELETE FROM folders WHERE tenant = ? AND id = ?", (tenant, folder_id))
+    return folder.session_count
+
+
+def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connection) -> int:
+    if tenant is None:
+        pks = conn.execute(
+            "SELECT pk FROM sessions WHERE expires_at <= ? LIMIT ?", (now, limit)
+        ).fetchall()
+    else:
+        pks = conn.execute(
+            "SELECT pk FROM sessions WHERE expires_at <= ? AND tenant = ? LIMIT ?",
+            (now, tenant, limit),
+        ).fetchall()
+    _drop_sessions(conn, pks)
+    return len(pks)
+

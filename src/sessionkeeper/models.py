@@ -1,0 +1,288 @@
+"""The shapes of sessionkeeper: public models for callers, plain records for engines.
+
+Public models (``Session``, ``Message``, ``Folder`` ...) are frozen pydantic models with
+aware UTC datetimes and parsed JSON. Records (``SessionRecord`` ...) are what engines store
+and return: Unix-second floats and JSON text, so an engine never parses or validates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any, Final, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "STATUSES",
+    "Change",
+    "ChangeResult",
+    "Folder",
+    "FolderRecord",
+    "Message",
+    "MessageDraft",
+    "MessageIn",
+    "MessageRecord",
+    "OwnerCount",
+    "Page",
+    "Session",
+    "SessionQuery",
+    "SessionRecord",
+    "SessionSummary",
+    "Stats",
+    "Status",
+    "UNSET",
+    "Unset",
+]
+
+Status = Literal["active", "completed", "archived"]
+STATUSES: tuple[str, ...] = ("active", "completed", "archived")
+
+T = TypeVar("T")
+
+
+class Unset(Enum):
+    """The type of UNSET: "leave this field as it is", where None would mean "clear it"."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+# --- public models ---------------------------------------------------------------------
+
+
+class SessionSummary(BaseModel):
+    """A session without its state: what listings return."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    owner: str | None
+    folder: str | None
+    title: str
+    status: Status
+    step: str | None
+    metadata: dict[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    idle_ttl: float | None
+    message_count: int
+    last_seq: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+
+class Session(SessionSummary):
+    """A session with its working state."""
+
+    state: dict[str, Any]
+
+
+class Message(BaseModel):
+    """One stored message; ``seq`` is 1, 2, 3 ... per session, assigned by the engine."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    seq: int
+    role: str
+    content: Any
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class MessageIn(BaseModel):
+    """A message to append. ``content`` is any JSON value: text, or a framework's item."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    role: str = Field(min_length=1, max_length=64)
+    content: Any = None
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    cost: float = Field(0.0, ge=0, allow_inf_nan=False)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Folder(BaseModel):
+    """A named group of one owner's sessions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    owner: str | None
+    name: str
+    created_at: datetime
+    session_count: int
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a listing; pass ``next_cursor`` back to get the next one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: list[T]
+    next_cursor: str | None
+
+
+class ChangeResult(BaseModel):
+    """What one atomic change left: the session after it and the messages it appended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session: Session
+    messages: list[Message]
+
+
+class OwnerCount(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    owner: str | None
+    sessions: int
+
+
+class Stats(BaseModel):
+    """Figures over one tenant's live sessions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int
+    active: int
+    completed: int
+    archived: int
+    active_last_24h: int
+    completion_rate: float
+    messages: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    top_owners: list[OwnerCount]
+
+
+# --- records: what engines store -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """A session as stored. Times are Unix seconds; ``state`` and ``metadata`` are JSON text.
+
+    ``state`` is None when the engine was asked not to load it (listings).
+    ``deadline`` is the absolute expiry that idle renewal never passes.
+    """
+
+    tenant: str
+    id: str
+    owner: str | None
+    folder: str | None
+    title: str
+    status: str
+    step: str | None
+    metadata: str
+    state: str | None
+    version: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    idle_ttl: float | None
+    deadline: float | None
+    message_count: int = 0
+    last_seq: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+
+@dataclass(slots=True)
+class MessageDraft:
+    """A validated message waiting for its seq; ``content`` and ``metadata`` are JSON text."""
+
+    role: str
+    content: str
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    metadata: str
+
+
+@dataclass(slots=True)
+class MessageRecord:
+    session_id: str
+    seq: int
+    role: str
+    content: str
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    metadata: str
+    created_at: float
+
+
+@dataclass(slots=True)
+class FolderRecord:
+    tenant: str
+    id: str
+    owner: str | None
+    name: str
+    created_at: float
+    session_count: int = 0
+
+
+@dataclass(slots=True)
+class Change:
+    """One atomic change to one session, already validated by the store.
+
+    ``fields`` maps column names (title, owner, folder, status, step, metadata) to new
+    values. ``state`` replaces the state; ``state_patch`` is a parsed JSON Merge Patch that
+    the engine applies with ``rules.apply_change`` inside its write. When ``want_state``
+    is False the engine may return the record without its state.
+    """
+
+    expected_version: int | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    state: str | None = None
+    state_patch: Any = None
+    has_state_patch: bool = False
+    messages: list[MessageDraft] = field(default_factory=list)
+    want_state: bool = True
+    max_state_bytes: int = 1_048_576
+    max_depth: int = 32
+
+
+@dataclass(slots=True, frozen=True)
+class SessionQuery:
+    """Filters, order and position of a listing, already validated by the store.
+
+    ``owner_set``/``folder_set`` tell "filter on None" from "no filter"; ``title_contains``
+    is already lower-cased with ``rules.ascii_lower``; ranges include ``*_since`` and
+    exclude ``*_before``; ``after_key``/``after_id`` are the position a cursor resumes at.
+    """
+
+    owner: str | None = None
+    owner_set: bool = False
+    folder: str | None = None
+    folder_set: bool = False
+    status: str | None = None
+    created_since: float | None = None
+    created_before: float | None = None
+    updated_since: float | None = None
+    updated_before: float | None = None
+    title_contains: str | None = None
+    order_by: Literal["created_at", "updated_at"] = "created_at"
+    descending: bool = True
+    limit: int = 50
+    after_key: float | None = None
+    after_id: str | None = None

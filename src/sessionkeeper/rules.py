@@ -1,0 +1,306 @@
+"""Rules with no I/O: ids, JSON limits, merge patch, TTL arithmetic, cursors, query matching.
+
+Every engine and the store reuse these, so each rule is written once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+import re
+import secrets
+from typing import Any
+
+from .errors import InvalidInput, VersionConflict
+from .models import Change, MessageRecord, SessionQuery, SessionRecord
+
+__all__ = [
+    "ID_PATTERN",
+    "apply_change",
+    "ascii_lower",
+    "check_id",
+    "decode_cursor",
+    "encode_cursor",
+    "encode_json",
+    "initial_expiry",
+    "is_after_cursor",
+    "is_expired",
+    "matches",
+    "merge_patch",
+    "new_id",
+    "remove_messages",
+    "renewed_expiry",
+    "sort_key",
+]
+
+# Letters, digits and ._:- ; at most 128 characters; no leading dot (so never "." or "..").
+ID_PATTERN = re.compile(r"[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}", re.ASCII)
+ID_BYTES = 18  # 144 bits of randomness, 24 URL-safe characters
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+# --- ids -------------------------------------------------------------------------------
+
+
+def new_id() -> str:
+    """A fresh URL-safe id with 144 bits from ``secrets``; it always matches ID_PATTERN."""
+    return secrets.token_urlsafe(ID_BYTES)
+
+
+def check_id(value: object, field: str) -> str:
+    """Return ``value`` if it is a valid id, else raise InvalidInput naming ``field``."""
+    if not isinstance(value, str):
+        raise InvalidInput(field, f"must be a string, not {type(value).__name__}")
+    if ID_PATTERN.fullmatch(value) is None:
+        raise InvalidInput(
+            field,
+            "must be 1-128 characters of letters, digits and ._:- and must not start with a dot",
+        )
+    return value
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-case ASCII letters only, as SQLite's lower() and LIKE do."""
+    return text.translate(_ASCII_LOWER)
+
+
+# --- JSON values -----------------------------------------------------------------------
+
+
+def _check_tree(value: Any, field: str, max_depth: int) -> None:
+    """Check that ``value`` is plain JSON no deeper than ``max_depth``, without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                raise InvalidInput(field, f"nests deeper than the limit of {max_depth}")
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    raise InvalidInput(field, f"object keys must be strings, not {key!r}")
+                if isinstance(child, dict | list | tuple):
+                    stack.append((child, depth + 1))
+                else:
+                    _check_scalar(child, field)
+        elif isinstance(node, list | tuple):
+            if depth > max_depth:
+                raise InvalidInput(field, f"nests deeper than the limit of {max_depth}")
+            for child in node:
+                if isinstance(child, dict | list | tuple):
+                    stack.append((child, depth + 1))
+                else:
+                    _check_scalar(child, field)
+        else:
+            _check_scalar(node, field)
+
+
+def _check_scalar(value: Any, field: str) -> None:
+    if value is None or isinstance(value, str | bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(field, "numbers must be finite (no NaN or Infinity)")
+        return
+    raise InvalidInput(field, f"{type(value).__name__} is not a JSON value")
+
+
+def encode_json(value: Any, field: str, max_bytes: int, max_depth: int) -> str:
+    """Serialise a JSON value compactly after checking its types, depth and size."""
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        _check_tree(value, field, max_depth)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > max_bytes:
+        raise InvalidInput(field, f"is {size} bytes as JSON, over the limit of {max_bytes}")
+    return text
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7396 JSON Merge Patch to ``target`` and return the result.
+
+    ``target`` is not modified. A null in the patch removes a member; an object merges
+    recursively; anything else replaces.
+    """
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+# --- TTL -------------------------------------------------------------------------------
+
+
+def initial_expiry(
+    now: float, ttl: float | None, idle_ttl: float | None, max_ttl: float | None
+) -> tuple[float | None, float | None]:
+    """Return ``(expires_at, deadline)`` for a session created at ``now``.
+
+    ``deadline`` is the absolute end (``ttl``, capped by ``max_ttl``); idle expiry starts
+    at ``now + idle_ttl`` and is renewed on access, never past the deadline.
+    """
+    deadline = None if ttl is None else now + ttl
+    if max_ttl is not None:
+        deadline = now + max_ttl if deadline is None else min(deadline, now + max_ttl)
+    return renewed_expiry(None if idle_ttl else deadline, idle_ttl, deadline, now), deadline
+
+
+def renewed_expiry(
+    expires_at: float | None, idle_ttl: float | None, deadline: float | None, now: float
+) -> float | None:
+    """The expiry after an access at ``now``: idle sessions move forward, others stay."""
+    if idle_ttl is None:
+        return expires_at
+    renewed = now + idle_ttl
+    if expires_at is not None and expires_at > renewed:
+        renewed = expires_at
+    if deadline is not None and deadline < renewed:
+        renewed = deadline
+    return renewed
+
+
+def is_expired(expires_at: float | None, now: float) -> bool:
+    return expires_at is not None and expires_at <= now
+
+
+# --- changes ---------------------------------------------------------------------------
+
+
+def apply_change(
+    record: SessionRecord, change: Change, now: float
+) -> tuple[SessionRecord, list[MessageRecord]]:
+    """Compute a session after ``change`` at ``now``, and the messages it appends.
+
+    Raises VersionConflict on a stale ``expected_version`` and InvalidInput when a merge
+    patch leaves state over the limits. ``record`` must carry its state when the change
+    patches it. The input record is not modified.
+    """
+    if change.expected_version is not None and change.expected_version != record.version:
+        raise VersionConflict(record.id, change.expected_version, record.version)
+    new = dataclasses.replace(record)
+    for name, value in change.fields.items():
+        setattr(new, name, value)
+    if change.state is not None:
+        new.state = change.state
+    elif change.has_state_patch:
+        current = json.loads(record.state) if record.state is not None else {}
+        merged = merge_patch(current, change.state_patch)
+        new.state = encode_json(merged, "state", change.max_state_bytes, change.max_depth)
+    appended = []
+    for draft in change.messages:
+        new.last_seq += 1
+        appended.append(
+            MessageRecord(
+                session_id=record.id,
+                seq=new.last_seq,
+                role=draft.role,
+                content=draft.content,
+                input_tokens=draft.input_tokens,
+                output_tokens=draft.output_tokens,
+                cost=draft.cost,
+                metadata=draft.metadata,
+                created_at=now,
+            )
+        )
+        new.input_tokens += draft.input_tokens
+        new.output_tokens += draft.output_tokens
+        new.cost += draft.cost
+    new.message_count += len(appended)
+    new.version += 1
+    new.updated_at = now
+    new.expires_at = renewed_expiry(record.expires_at, record.idle_ttl, record.deadline, now)
+    return new, appended
+
+
+def remove_messages(
+    record: SessionRecord,
+    count: int,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float,
+    now: float,
+) -> SessionRecord:
+    """A session after ``count`` messages with these token and cost sums were removed."""
+    new = dataclasses.replace(record)
+    new.message_count -= count
+    if new.message_count <= 0:
+        new.message_count = new.input_tokens = new.output_tokens = 0
+        new.cost = 0.0
+    else:
+        new.input_tokens -= input_tokens
+        new.output_tokens -= output_tokens
+        new.cost = max(new.cost - cost, 0.0)
+    new.version += 1
+    new.updated_at = now
+    new.expires_at = renewed_expiry(record.expires_at, record.idle_ttl, record.deadline, now)
+    return new
+
+
+# --- listings --------------------------------------------------------------------------
+
+
+def encode_cursor(query: SessionQuery, record: SessionRecord) -> str:
+    """An opaque cursor that resumes a listing just after ``record``."""
+    key = record.created_at if query.order_by == "created_at" else record.updated_at
+    raw = json.dumps([query.order_by, query.descending, key, record.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, order_by: str, descending: bool) -> tuple[float, str]:
+    """Return the ``(key, id)`` a cursor resumes after; InvalidInput if it is not ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        made_for, made_desc, key, last_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidInput("cursor", "is not a cursor this store made") from exc
+    if made_for != order_by or made_desc != descending:
+        raise InvalidInput("cursor", "was made for another ordering of the listing")
+    if not isinstance(key, int | float) or not isinstance(last_id, str):
+        raise InvalidInput("cursor", "is not a cursor this store made")
+    return float(key), last_id
+
+
+def matches(record: SessionRecord, query: SessionQuery, now: float) -> bool:
+    """Whether ``record`` is live and passes every filter of ``query`` (ignoring position)."""
+    if is_expired(record.expires_at, now):
+        return False
+    if query.owner_set and record.owner != query.owner:
+        return False
+    if query.folder_set and record.folder != query.folder:
+        return False
+    if query.status is not None and record.status != query.status:
+        return False
+    if query.created_since is not None and record.created_at < query.created_since:
+        return False
+    if query.created_before is not None and record.created_at >= query.created_before:
+        return False
+    if query.updated_since is not None and record.updated_at < query.updated_since:
+        return False
+    if query.updated_before is not None and record.updated_at >= query.updated_before:
+        return False
+    return query.title_contains is None or query.title_contains in ascii_lower(record.title)
+
+
+def sort_key(record: SessionRecord, query: SessionQuery) -> tuple[float, str]:
+    key = record.created_at if query.order_by == "created_at" else record.updated_at
+    return key, record.id
+
+
+def is_after_cursor(record: SessionRecord, query: SessionQuery) -> bool:
+    """Whether ``record`` comes after the cursor position of ``query``."""
+    if query.after_key is None or query.after_id is None:
+        return True
+    position = (query.after_key, query.after_id)
+    if query.descending:
+        return sort_key(record, query) < position
+    return sort_key(record, query) > position

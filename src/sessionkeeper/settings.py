@@ -1,0 +1,50 @@
+"""The one settings object, read from arguments or SESSIONKEEPER_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_URL", "Settings"]
+
+DEFAULT_URL = "sqlite:///sessionkeeper.db"
+
+
+class Settings(BaseSettings):
+    """Every knob sessionkeeper has; each is also ``SESSIONKEEPER_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SESSIONKEEPER_", extra="forbid", frozen=True)
+
+    url: str = Field(DEFAULT_URL, description="Store URL: memory://, sqlite:///path.db")
+    tenant: str = Field("default", description="Tenant used when none is given")
+
+    max_state_bytes: int = Field(1_048_576, gt=0, description="Largest state, as UTF-8 JSON")
+    max_message_bytes: int = Field(
+        262_144, gt=0, description="Largest message (content and metadata), as UTF-8 JSON"
+    )
+    max_metadata_bytes: int = Field(65_536, gt=0, description="Largest session metadata")
+    max_depth: int = Field(32, gt=0, le=1000, description="Deepest nesting of any JSON value")
+    max_messages_per_append: int = Field(1000, gt=0, description="Most messages in one call")
+    max_title_length: int = Field(500, gt=0, description="Longest title, in characters")
+    max_page_size: int = Field(1000, gt=0, description="Largest page a listing or read returns")
+
+    default_ttl: float | None = Field(
+        None, gt=0, description="Absolute lifetime in seconds of new sessions (None: forever)"
+    )
+    default_idle_ttl: float | None = Field(
+        None, gt=0, description="Idle lifetime in seconds of new sessions (None: no idle expiry)"
+    )
+    max_ttl: float | None = Field(
+        None, gt=0, description="Cap in seconds on any session's lifetime (None: no cap)"
+    )
+    purge_batch_size: int = Field(500, gt=0, description="Sessions removed per purge batch")
+
+    sqlite_busy_timeout: float = Field(
+        30.0, gt=0, description="Seconds a SQLite writer waits for another process's lock"
+    )
+    sqlite_readers: int = Field(2, gt=0, le=64, description="SQLite reader threads")
+    sqlite_synchronous: str = Field(
+        "normal",
+        pattern="^(normal|full)$",
+        description="SQLite synchronous mode: normal (WAL default) or full (fsync every commit)",
+    )

@@ -1,0 +1,759 @@
+"""SessionStore: the public async API, holding the rules over one storage engine.
+
+The store validates every input (naming the field on failure), computes ids and expiry,
+scopes every call to its tenant, and turns engine records into models. It never speaks
+SQL or Redis: that is the engine's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from pydantic import ValidationError
+
+from . import rules
+from .clock import Clock, SystemClock
+from .engines.base import Engine
+from .engines.urls import engine_from_url
+from .errors import BackendUnavailable, InvalidInput, NotFound
+from .models import (
+    STATUSES,
+    UNSET,
+    Change,
+    ChangeResult,
+    Folder,
+    FolderRecord,
+    Message,
+    MessageDraft,
+    MessageIn,
+    MessageRecord,
+    Page,
+    Session,
+    SessionQuery,
+    SessionRecord,
+    SessionSummary,
+    Stats,
+    Status,
+    Unset,
+)
+from .settings import Settings
+
+__all__ = ["MessageLike", "OrderBy", "SessionStore", "open_store"]
+
+MessageLike = MessageIn | Mapping[str, Any]
+OrderBy = Literal["created_at", "updated_at"]
+
+_DAY = 86_400.0
+_MAX_NAME = 256
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    tenant: str | None = None,
+    settings: Settings | None = None,
+    clock: Clock | None = None,
+) -> SessionStore:
+    """A store for ``url`` (default: the ``SESSIONKEEPER_URL`` setting), not yet opened.
+
+    Use it as ``async with open_store("sqlite:///sessions.db") as store: ...``.
+    """
+    settings = settings or Settings()
+    engine = engine_from_url(url or settings.url, settings)
+    return SessionStore(engine, tenant=tenant, settings=settings, clock=clock, owns_engine=True)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _seconds(value: object, field: str) -> float | None:
+    """A duration given as seconds or a timedelta; must be positive."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(field, f"must be seconds or a timedelta, not {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise InvalidInput(field, "must be a positive, finite number of seconds")
+    return float(value)
+
+
+def _timestamp(value: object, field: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(field, f"must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None:
+        raise InvalidInput(field, "must be timezone-aware (for example datetime.now(UTC))")
+    return value.timestamp()
+
+
+def _int(value: object, field: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, f"must be an integer, not {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise InvalidInput(field, f"must be {bound}, not {value}")
+    return value
+
+
+def _text(value: object, field: str, max_length: int, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(field, f"must be a string, not {type(value).__name__}")
+    if not empty_ok and not value.strip():
+        raise InvalidInput(field, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidInput(field, f"is {len(value)} characters, over the limit of {max_length}")
+    if not value.isprintable():
+        raise InvalidInput(field, "must not contain control characters")
+    return value
+
+
+def _optional_text(value: object, field: str, max_length: int) -> str | None:
+    return None if value is None else _text(value, field, max_length)
+
+
+def _version(value: object) -> int | None:
+    return None if value is None else _int(value, "expected_version", 1)
+
+
+def _status(value: object) -> str:
+    if value not in STATUSES:
+        raise InvalidInput("status", f"must be one of {', '.join(STATUSES)}, not {value!r}")
+    return str(value)
+
+
+class SessionStore:
+    """Sessions, messages and folders of one tenant, over one engine.
+
+    ``for_tenant`` gives a view of another tenant over the same engine. A store made by
+    ``open_store`` owns its engine and closes it; one made around an injected engine
+    leaves it open.
+    """
+
+    __slots__ = ("_clock", "_engine", "_open", "_owns_engine", "settings", "tenant")
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        tenant: str | None = None,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+        owns_engine: bool = False,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.tenant = rules.check_id(tenant or self.settings.tenant, "tenant")
+        self._engine = engine
+        self._clock = clock or SystemClock()
+        self._owns_engine = owns_engine
+        self._open = [False]  # shared with tenant views, so closing one closes them all
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if not self._open[0]:
+            raise BackendUnavailable("the store is not open: use `async with open_store(...)`")
+        return self._engine
+
+    async def open(self) -> Self:
+        if not self._open[0]:
+            if self._owns_engine:
+                await self._engine.open()
+            self._open[0] = True
+        return self
+
+    async def close(self) -> None:
+        if self._open[0]:
+            self._open[0] = False
+            if self._owns_engine:
+                await self._engine.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def for_tenant(self, tenant: str) -> SessionStore:
+        """A view of ``tenant`` over the same engine; it sees nothing of other tenants."""
+        view = SessionStore(
+            self._engine, tenant=tenant, settings=self.settings, clock=self._clock
+        )
+        view._open = self._open
+        return view
+
+    def _now(self) -> float:
+        return self._clock.now()
+
+    # --- models ------------------------------------------------------------------------
+
+    def _summary_fields(self, r: SessionRecord) -> dict[str, Any]:
+        return {
+            "id": r.id,
+            "tenant": r.tenant,
+            "owner": r.owner,
+            "folder": r.folder,
+            "title": r.title,
+            "status": r.status,
+            "step": r.step,
+            "metadata": json.loads(r.metadata),
+            "version": r.version,
+            "created_at": _utc(r.created_at),
+            "updated_at": _utc(r.updated_at),
+            "expires_at": None if r.expires_at is None else _utc(r.expires_at),
+            "idle_ttl": r.idle_ttl,
+            "message_count": r.message_count,
+            "last_seq": r.last_seq,
+            "input_tokens": r.input_tokens,
+            "output_tokens": r.output_tokens,
+            "cost": r.cost,
+        }
+
+    def _session(self, record: SessionRecord) -> Session:
+        fields = self._summary_fields(record)
+        fields["state"] = json.loads(record.state) if record.state is not None else {}
+        return Session.model_construct(**fields)
+
+    def _message(self, r: MessageRecord) -> Message:
+        return Message.model_construct(
+            session_id=r.session_id,
+            seq=r.seq,
+            role=r.role,
+            content=json.loads(r.content),
+            input_tokens=r.input_tokens,
+            output_tokens=r.output_tokens,
+            cost=r.cost,
+            metadata=json.loads(r.metadata),
+            created_at=_utc(r.created_at),
+        )
+
+    def _folder(self, r: FolderRecord) -> Folder:
+        return Folder.model_construct(
+            id=r.id,
+            tenant=r.tenant,
+            owner=r.owner,
+            name=r.name,
+            created_at=_utc(r.created_at),
+            session_count=r.session_count,
+        )
+
+    # --- validation --------------------------------------------------------------------
+
+    def _json_object(self, value: object, field: str, max_bytes: int) -> str:
+        if not isinstance(value, dict):
+            raise InvalidInput(field, f"must be a JSON object, not {type(value).__name__}")
+        return rules.encode_json(value, field, max_bytes, self.settings.max_depth)
+
+    def _drafts(self, messages: Sequence[MessageLike], field: str) -> list[MessageDraft]:
+        if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+            raise InvalidInput(field, "must be a list of messages")
+        limit = self.settings.max_messages_per_append
+        if len(messages) > limit:
+            raise InvalidInput(field, f"has {len(messages)} messages, over the limit of {limit}")
+        return [self._draft(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+
+    def _draft(self, message: MessageLike, field: str) -> MessageDraft:
+        """Validate one message; ``field`` prefixes the names in errors ("" for none)."""
+        prefix = f"{field}." if field else ""
+        if not isinstance(message, MessageIn):
+            if not isinstance(message, Mapping):
+                raise InvalidInput(field, f"must be a message, not {type(message).__name__}")
+            try:
+                message = MessageIn.model_validate(message)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise InvalidInput(f"{prefix}{where}", error["msg"]) from None
+        max_bytes = self.settings.max_message_bytes
+        content = rules.encode_json(
+            message.content, f"{prefix}content", max_bytes, self.settings.max_depth
+        )
+        metadata = self._json_object(
+            message.metadata, f"{prefix}metadata", max_bytes - len(content)
+        )
+        return MessageDraft(
+            role=_text(message.role, f"{prefix}role", 64),
+            content=content,
+            input_tokens=message.input_tokens,
+            output_tokens=message.output_tokens,
+            cost=message.cost,
+            metadata=metadata,
+        )
+
+    def _session_id(self, session_id: object) -> str:
+        return rules.check_id(session_id, "session_id")
+
+    def _query(
+        self,
+        owner: str | None | Unset,
+        folder: str | None | Unset,
+        status: Status | None,
+        created_since: datetime | None,
+        created_before: datetime | None,
+        updated_since: datetime | None,
+        updated_before: datetime | None,
+        title_contains: str | None,
+        order_by: OrderBy = "created_at",
+        descending: bool = True,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionQuery:
+        if order_by not in ("created_at", "updated_at"):
+            raise InvalidInput("order_by", f"must be created_at or updated_at, not {order_by!r}")
+        if not isinstance(descending, bool):
+            raise InvalidInput("descending", "must be true or false")
+        after_key = after_id = None
+        if cursor is not None:
+            if not isinstance(cursor, str):
+                raise InvalidInput("cursor", "must be a string")
+            after_key, after_id = rules.decode_cursor(cursor, order_by, descending)
+        return SessionQuery(
+            owner=None if owner is UNSET else _optional_text(owner, "owner", _MAX_NAME),
+            owner_set=owner is not UNSET,
+            folder=None if folder is UNSET else self._optional_id(folder, "folder"),
+            folder_set=folder is not UNSET,
+            status=None if status is None else _status(status),
+            created_since=_timestamp(created_since, "created_since"),
+            created_before=_timestamp(created_before, "created_before"),
+            updated_since=_timestamp(updated_since, "updated_since"),
+            updated_before=_timestamp(updated_before, "updated_before"),
+            title_contains=None
+            if title_contains is None
+            else rules.ascii_lower(_text(title_contains, "title_contains", _MAX_NAME)),
+            order_by=order_by,
+            descending=descending,
+            limit=_int(limit, "limit", 1, self.settings.max_page_size),
+            after_key=after_key,
+            after_id=after_id,
+        )
+
+    def _optional_id(self, value: object, field: str) -> str | None:
+        return None if value is None else rules.check_id(value, field)
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        session_id: str | None = None,
+        owner: str | None = None,
+        folder: str | None = None,
+        title: str = "",
+        status: Status = "active",
+        step: str | None = None,
+        state: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        ttl: float | timedelta | None = None,
+        idle_ttl: float | timedelta | None = None,
+    ) -> Session:
+        """Create a session; its id is generated unless given. Raises AlreadyExists."""
+        settings = self.settings
+        now = self._now()
+        ttl_seconds = _seconds(ttl, "ttl")
+        idle_seconds = _seconds(idle_ttl, "idle_ttl")
+        if ttl is None:
+            ttl_seconds = settings.default_ttl
+        if idle_ttl is None:
+            idle_seconds = settings.default_idle_ttl
+        expires_at, deadline = rules.initial_expiry(
+            now, ttl_seconds, idle_seconds, settings.max_ttl
+        )
+        record = SessionRecord(
+            tenant=self.tenant,
+            id=rules.new_id() if session_id is None else self._session_id(session_id),
+            owner=_optional_text(owner, "owner", _MAX_NAME),
+            folder=self._optional_id(folder, "folder"),
+            title=_text(title, "title", settings.max_title_length, empty_ok=True),
+            status=_status(status),
+            step=_optional_text(step, "step", _MAX_NAME),
+            metadata=self._json_object(
+                {} if metadata is None else metadata, "metadata", settings.max_metadata_bytes
+            ),
+            state=self._json_object(
+                {} if state is None else state, "state", settings.max_state_bytes
+            ),
+            version=1,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+            idle_ttl=idle_seconds,
+            deadline=deadline,
+        )
+        await self.engine.insert_session(record, now)
+        return self._session(record)
+
+    async def get_session(self, session_id: str) -> Session:
+        """The session with its state. Raises NotFound if absent or expired."""
+        record = await self.engine.get_session(self.tenant, self._session_id(session_id), self._now())
+        if record is None:
+            raise NotFound(f"no session {session_id!r}")
+        return self._session(record)
+
+    async def delete_session(self, session_id: str, *, expected_version: int | None = None) -> None:
+        """Delete a session and its messages. Raises NotFound or VersionConflict."""
+        await self.engine.delete_session(
+            self.tenant, self._session_id(session_id), self._now(), _version(expected_version)
+        )
+
+    async def change_session(
+        self,
+        session_id: str,
+        *,
+        state_patch: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
+        title: str | Unset = UNSET,
+        owner: str | None | Unset = UNSET,
+        folder: str | None | Unset = UNSET,
+        status: Status | Unset = UNSET,
+        step: str | None | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        messages: Sequence[MessageLike] = (),
+        expected_version: int | None = None,
+    ) -> ChangeResult:
+        """One atomic change: patch or replace state, set fields, append messages.
+
+        All of it lands, under one new version, or none of it does. ``state_patch`` is an
+        RFC 7396 JSON Merge Patch; ``state`` replaces the state whole.
+        """
+        settings = self.settings
+        sid = self._session_id(session_id)
+        change = Change(
+            expected_version=_version(expected_version),
+            max_state_bytes=settings.max_state_bytes,
+            max_depth=settings.max_depth,
+        )
+        if state is not None and state_patch is not None:
+            raise InvalidInput("state", "give either state or state_patch, not both")
+        if state is not None:
+            change.state = self._json_object(state, "state", settings.max_state_bytes)
+        if state_patch is not None:
+            self._json_object(state_patch, "state_patch", settings.max_state_bytes)
+            change.state_patch = state_patch
+            change.has_state_patch = True
+        fields = change.fields
+        if title is not UNSET:
+            fields["title"] = _text(title, "title", settings.max_title_length, empty_ok=True)
+        if owner is not UNSET:
+            fields["owner"] = _optional_text(owner, "owner", _MAX_NAME)
+        if folder is not UNSET:
+            fields["folder"] = self._optional_id(folder, "folder")
+        if status is not UNSET:
+            fields["status"] = _status(status)
+        if step is not UNSET:
+            fields["step"] = _optional_text(step, "step", _MAX_NAME)
+        if metadata is not UNSET:
+            fields["metadata"] = self._json_object(
+                metadata, "metadata", settings.max_metadata_bytes
+            )
+        change.messages = self._drafts(messages, "messages") if messages else []
+        record, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
+        return ChangeResult.model_construct(
+            session=self._session(record), messages=[self._message(m) for m in appended]
+        )
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | Unset = UNSET,
+        owner: str | None | Unset = UNSET,
+        folder: str | None | Unset = UNSET,
+        status: Status | Unset = UNSET,
+        step: str | None | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        expected_version: int | None = None,
+    ) -> Session:
+        """Set title, owner, folder, status, step or metadata; fields left UNSET stay."""
+        result = await self.change_session(
+            session_id,
+            title=title,
+            owner=owner,
+            folder=folder,
+            status=status,
+            step=step,
+            metadata=metadata,
+            expected_version=expected_version,
+        )
+        return result.session
+
+    async def update_state(
+        self,
+        session_id: str,
+        patch: dict[str, Any],
+        *,
+        replace: bool = False,
+        expected_version: int | None = None,
+    ) -> Session:
+        """Apply a JSON Merge Patch to the state, or replace it whole if ``replace``."""
+        if replace:
+            result = await self.change_session(
+                session_id, state=patch, expected_version=expected_version
+            )
+        else:
+            if not isinstance(patch, dict):
+                raise InvalidInput("patch", f"must be a JSON object, not {type(patch).__name__}")
+            result = await self.change_session(
+                session_id, state_patch=patch, expected_version=expected_version
+            )
+        return result.session
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Sequence[MessageLike],
+        *,
+        expected_version: int | None = None,
+    ) -> list[Message]:
+        """Append messages in order; the engine gives them the next seqs, with no gap."""
+        sid = self._session_id(session_id)
+        drafts = self._drafts(messages, "messages")
+        if not drafts:
+            raise InvalidInput("messages", "must hold at least one message")
+        change = Change(
+            expected_version=_version(expected_version), messages=drafts, want_state=False
+        )
+        _, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
+        return [self._message(m) for m in appended]
+
+    async def append_message(
+        self,
+        session_id: str,
+        role: str,
+        content: Any,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost: float = 0.0,
+        metadata: dict[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> Message:
+        """Append one message and return it with its seq."""
+        message = {
+            "role": role,
+            "content": content,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cost": cost,
+            "metadata": {} if metadata is None else metadata,
+        }
+        sid = self._session_id(session_id)
+        change = Change(
+            expected_version=_version(expected_version),
+            messages=[self._draft(message, "")],
+            want_state=False,
+        )
+        _, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
+        return self._message(appended[0])
+
+    async def read_messages(
+        self, session_id: str, *, after_seq: int = 0, limit: int = 100
+    ) -> list[Message]:
+        """Up to ``limit`` messages with seq above ``after_seq``, oldest first.
+
+        Page through a history by passing the last seq you got as ``after_seq``.
+        """
+        records = await self.engine.read_messages(
+            self.tenant,
+            self._session_id(session_id),
+            self._now(),
+            _int(after_seq, "after_seq", 0),
+            _int(limit, "limit", 1, self.settings.max_page_size),
+        )
+        if records is None:
+            raise NotFound(f"no session {session_id!r}")
+        return [self._message(m) for m in records]
+
+    async def last_messages(self, session_id: str, n: int = 10) -> list[Message]:
+        """The newest ``n`` messages, oldest first."""
+        records = await self.engine.last_messages(
+            self.tenant,
+            self._session_id(session_id),
+            self._now(),
+            _int(n, "n", 1, self.settings.max_page_size),
+        )
+        if records is None:
+            raise NotFound(f"no session {session_id!r}")
+        return [self._message(m) for m in records]
+
+    async def pop_message(
+        self, session_id: str, *, expected_version: int | None = None
+    ) -> Message | None:
+        """Remove and return the newest message, or None if there is none."""
+        _, popped = await self.engine.pop_message(
+            self.tenant, self._session_id(session_id), self._now(), _version(expected_version)
+        )
+        return None if popped is None else self._message(popped)
+
+    async def clear_messages(self, session_id: str, *, expected_version: int | None = None) -> int:
+        """Remove every message and zero the aggregates; seqs are not reused. Returns how
+        many were removed."""
+        _, removed = await self.engine.clear_messages(
+            self.tenant, self._session_id(session_id), self._now(), _version(expected_version)
+        )
+        return removed
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def list_sessions(
+        self,
+        *,
+        owner: str | None | Unset = UNSET,
+        folder: str | None | Unset = UNSET,
+        status: Status | None = None,
+        created_since: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_since: datetime | None = None,
+        updated_before: datetime | None = None,
+        title_contains: str | None = None,
+        order_by: OrderBy = "created_at",
+        descending: bool = True,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[SessionSummary]:
+        """A page of live sessions (without state), newest first unless ``descending`` is
+        False. Ranges include ``*_since`` and exclude ``*_before``; ``title_contains``
+        ignores ASCII case; pass ``next_cursor`` back as ``cursor`` for the next page."""
+        query = self._query(
+            owner,
+            folder,
+            status,
+            created_since,
+            created_before,
+            updated_since,
+            updated_before,
+            title_contains,
+            order_by,
+            descending,
+            limit,
+            cursor,
+        )
+        wanted = query.limit
+        probe = dataclasses.replace(query, limit=wanted + 1)
+        records = await self.engine.list_sessions(self.tenant, probe, self._now())
+        page = records[:wanted]
+        next_cursor = rules.encode_cursor(query, page[-1]) if len(records) > wanted else None
+        items = [SessionSummary.model_construct(**self._summary_fields(r)) for r in page]
+        return Page[SessionSummary].model_construct(items=items, next_cursor=next_cursor)
+
+    async def count_sessions(
+        self,
+        *,
+        owner: str | None | Unset = UNSET,
+        folder: str | None | Unset = UNSET,
+        status: Status | None = None,
+        created_since: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_since: datetime | None = None,
+        updated_before: datetime | None = None,
+        title_contains: str | None = None,
+    ) -> int:
+        """How many live sessions match the same filters as ``list_sessions``."""
+        query = self._query(
+            owner,
+            folder,
+            status,
+            created_since,
+            created_before,
+            updated_since,
+            updated_before,
+            title_contains,
+        )
+        return await self.engine.count_sessions(self.tenant, query, self._now())
+
+    async def stats(self, *, top: int = 5) -> Stats:
+        """Totals, status counts, sessions updated in the last 24 hours, completion rate,
+        message, token and cost sums, and the ``top`` owners by session count."""
+        now = self._now()
+        return await self.engine.stats(self.tenant, now, now - _DAY, _int(top, "top", 0, 100))
+
+    # --- folders -----------------------------------------------------------------------
+
+    async def create_folder(self, name: str, *, owner: str | None = None) -> Folder:
+        """Create a folder; names are unique per owner. Raises AlreadyExists."""
+        record = FolderRecord(
+            tenant=self.tenant,
+            id=rules.new_id(),
+            owner=_optional_text(owner, "owner", _MAX_NAME),
+            name=_text(name, "name", _MAX_NAME),
+            created_at=self._now(),
+        )
+        await self.engine.insert_folder(record)
+        return self._folder(record)
+
+    async def get_folder(self, folder_id: str) -> Folder:
+        """The folder with its count of live sessions. Raises NotFound."""
+        record = await self.engine.get_folder(
+            self.tenant, rules.check_id(folder_id, "folder_id"), self._now()
+        )
+        if record is None:
+            raise NotFound(f"no folder {folder_id!r}")
+        return self._folder(record)
+
+    async def rename_folder(self, folder_id: str, name: str) -> Folder:
+        """Rename a folder. Raises NotFound, or AlreadyExists if the owner has that name."""
+        record = await self.engine.rename_folder(
+            self.tenant,
+            rules.check_id(folder_id, "folder_id"),
+            _text(name, "name", _MAX_NAME),
+            self._now(),
+        )
+        return self._folder(record)
+
+    async def list_folders(self, *, owner: str | None | Unset = UNSET) -> list[Folder]:
+        """Folders (of ``owner``, if given) by name, each with its count of live sessions."""
+        checked = None if owner is UNSET else _optional_text(owner, "owner", _MAX_NAME)
+        records = await self.engine.list_folders(
+            self.tenant, checked, owner is not UNSET, self._now()
+        )
+        return [self._folder(r) for r in records]
+
+    async def delete_folder(
+        self, folder_id: str, *, reassign_to: str | None = None, cascade: bool = False
+    ) -> int:
+        """Delete a folder. Its sessions move to ``reassign_to``, are deleted if
+        ``cascade``, or else are left in no folder. Returns how many sessions it had."""
+        if reassign_to is not None and cascade:
+            raise InvalidInput("cascade", "give either reassign_to or cascade, not both")
+        if not isinstance(cascade, bool):
+            raise InvalidInput("cascade", "must be true or false")
+        fid = rules.check_id(folder_id, "folder_id")
+        target = self._optional_id(reassign_to, "reassign_to")
+        if target == fid:
+            raise InvalidInput("reassign_to", "must be another folder than the one deleted")
+        return await self.engine.delete_folder(self.tenant, fid, self._now(), target, cascade)
+
+    # --- expiry ------------------------------------------------------------------------
+
+    async def purge_expired(
+        self, *, batch_size: int | None = None, all_tenants: bool = False
+    ) -> int:
+        """Delete expired sessions and their messages, batch by batch; returns how many.
+
+        Only this tenant's, unless ``all_tenants`` (for maintenance jobs).
+        """
+        size = _int(batch_size or self.settings.purge_batch_size, "batch_size", 1)
+        tenant = None if all_tenants else self.tenant
+        now = self._now()
+        total = 0
+        while True:
+            purged = await self.engine.purge_expired(tenant, now, size)
+            total += purged
+            if purged < size:
+                return total
+
