@@ -135,9 +135,7 @@ def _call_args(args: ast.arguments) -> str:
 def generate() -> str:
     tree = ast.parse(STORE.read_text())
     store_class = next(
-        node
-        for node in tree.body
-        if isinstance(node, ast.ClassDef) and node.name == "SessionStore"
+        node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "SessionStore"
     )
     used: set[str] = set()
     methods: list[str] = []
@@ -151,10 +149,11 @@ def generate() -> str:
         used |= _names(node.args) | (_names(node.returns) if node.returns else set())
         doc = ast.get_docstring(node) or ""
         first = doc.splitlines()[0] if doc else ""
+        call = f"self._store.{node.name}({_call_args(node.args)})"
         methods.append(
             f"    def {node.name}({signature}) -> {returns}:\n"
             + (f'        """{first}"""\n' if first else "")
-            + f"        return self._portal.call(self._store.{node.name}({_call_args(node.args)}))\n"
+            + f"        return self._portal.call({call})\n"
         )
     imports = []
     for node in tree.body:
@@ -185,8 +184,17 @@ def generate() -> str:
         cwd=ROOT,
     ).stdout
     fixed = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--fix", "--quiet", "--stdin-filename",
-         str(TARGET), "-"],
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--fix",
+            "--quiet",
+            "--stdin-filename",
+            str(TARGET),
+            "-",
+        ],
         input=formatted,
         capture_output=True,
         text=True,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "STATUSES",
+    "UNSET",
     "Change",
     "ChangeResult",
     "Folder",
@@ -32,7 +33,6 @@ __all__ = [
     "SessionSummary",
     "Stats",
     "Status",
-    "UNSET",
     "Unset",
 ]
 

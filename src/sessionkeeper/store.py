@@ -190,9 +190,7 @@ class SessionStore:
 
     def for_tenant(self, tenant: str) -> SessionStore:
         """A view of ``tenant`` over the same engine; it sees nothing of other tenants."""
-        view = SessionStore(
-            self._engine, tenant=tenant, settings=self.settings, clock=self._clock
-        )
+        view = SessionStore(self._engine, tenant=tenant, settings=self.settings, clock=self._clock)
         view._open = self._open
         return view
 
@@ -299,8 +297,8 @@ class SessionStore:
 
     def _query(
         self,
-        owner: str | None | Unset,
-        folder: str | None | Unset,
+        owner: str | Unset | None,
+        folder: str | Unset | None,
         status: Status | None,
         created_since: datetime | None,
         created_before: datetime | None,
@@ -398,7 +396,9 @@ class SessionStore:
 
     async def get_session(self, session_id: str) -> Session:
         """The session with its state. Raises NotFound if absent or expired."""
-        record = await self.engine.get_session(self.tenant, self._session_id(session_id), self._now())
+        record = await self.engine.get_session(
+            self.tenant, self._session_id(session_id), self._now()
+        )
         if record is None:
             raise NotFound(f"no session {session_id!r}")
         return self._session(record)
@@ -416,10 +416,10 @@ class SessionStore:
         state_patch: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
         title: str | Unset = UNSET,
-        owner: str | None | Unset = UNSET,
-        folder: str | None | Unset = UNSET,
+        owner: str | Unset | None = UNSET,
+        folder: str | Unset | None = UNSET,
         status: Status | Unset = UNSET,
-        step: str | None | Unset = UNSET,
+        step: str | Unset | None = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
         messages: Sequence[MessageLike] = (),
         expected_version: int | None = None,
@@ -470,10 +470,10 @@ class SessionStore:
         session_id: str,
         *,
         title: str | Unset = UNSET,
-        owner: str | None | Unset = UNSET,
-        folder: str | None | Unset = UNSET,
+        owner: str | Unset | None = UNSET,
+        folder: str | Unset | None = UNSET,
         status: Status | Unset = UNSET,
-        step: str | None | Unset = UNSET,
+        step: str | Unset | None = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
         expected_version: int | None = None,
     ) -> Session:
@@ -613,8 +613,8 @@ class SessionStore:
     async def list_sessions(
         self,
         *,
-        owner: str | None | Unset = UNSET,
-        folder: str | None | Unset = UNSET,
+        owner: str | Unset | None = UNSET,
+        folder: str | Unset | None = UNSET,
         status: Status | None = None,
         created_since: datetime | None = None,
         created_before: datetime | None = None,
@@ -654,8 +654,8 @@ class SessionStore:
     async def count_sessions(
         self,
         *,
-        owner: str | None | Unset = UNSET,
-        folder: str | None | Unset = UNSET,
+        owner: str | Unset | None = UNSET,
+        folder: str | Unset | None = UNSET,
         status: Status | None = None,
         created_since: datetime | None = None,
         created_before: datetime | None = None,
@@ -715,7 +715,7 @@ class SessionStore:
         )
         return self._folder(record)
 
-    async def list_folders(self, *, owner: str | None | Unset = UNSET) -> list[Folder]:
+    async def list_folders(self, *, owner: str | Unset | None = UNSET) -> list[Folder]:
         """Folders (of ``owner``, if given) by name, each with its count of live sessions."""
         checked = None if owner is UNSET else _optional_text(owner, "owner", _MAX_NAME)
         records = await self.engine.list_folders(
@@ -756,4 +756,3 @@ class SessionStore:
             total += purged
             if purged < size:
                 return total
-

@@ -201,7 +201,9 @@ class MemoryEngine(Engine):
         self, tenant: str, query: SessionQuery, now: float
     ) -> list[SessionRecord]:
         with self._lock:
-            found = [r for r in self._matching(tenant, query, now) if rules.is_after_cursor(r, query)]
+            found = [
+                r for r in self._matching(tenant, query, now) if rules.is_after_cursor(r, query)
+            ]
         found.sort(key=lambda r: rules.sort_key(r, query), reverse=query.descending)
         return found[: query.limit]
 
@@ -316,9 +318,7 @@ class MemoryEngine(Engine):
             purged = 0
             for space in spaces:
                 expired = [
-                    sid
-                    for sid, r in space.sessions.items()
-                    if rules.is_expired(r.expires_at, now)
+                    sid for sid, r in space.sessions.items() if rules.is_expired(r.expires_at, now)
                 ][: limit - purged]
                 for session_id in expired:
                     self._drop(space, session_id)

@@ -10,6 +10,7 @@ out by SQLite's write lock, waited for up to ``sqlite_busy_timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import queue
@@ -114,8 +115,7 @@ _WITH_STATE = (
     "JOIN states st ON st.session_pk = s.pk WHERE s.tenant = ? AND s.id = ?"
 )
 _WITHOUT_STATE = (
-    f"SELECT s.pk, {_RECORD.format(state='NULL')} FROM sessions s "
-    "WHERE s.tenant = ? AND s.id = ?"
+    f"SELECT s.pk, {_RECORD.format(state='NULL')} FROM sessions s WHERE s.tenant = ? AND s.id = ?"
 )
 _UPDATE_SESSION = (
     "UPDATE sessions SET owner = ?, folder = ?, title = ?, status = ?, step = ?, metadata = ?, "
@@ -286,10 +286,14 @@ class _Worker:
         for job, (ok, value) in zip(batch, results, strict=True):
             by_loop.setdefault(job.loop, []).append((job.future, ok, value))
         for loop, items in by_loop.items():
-            try:
+            # A loop that closed while the job ran has nobody waiting for the result.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop closed while the job ran: nobody is waiting
-                pass
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.stop()
 
 
 def _session(row: tuple[Any, ...]) -> tuple[int, SessionRecord]:
@@ -411,7 +415,15 @@ def list_sql(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[An
 class SQLiteEngine(Engine):
     """Sessions in one SQLite file (WAL): durable, safe for many threads and processes."""
 
-    __slots__ = ("__weakref__", "_forked", "_next_reader", "_readers", "_writer", "path", "settings")
+    __slots__ = (
+        "__weakref__",
+        "_forked",
+        "_next_reader",
+        "_readers",
+        "_writer",
+        "path",
+        "settings",
+    )
     name = "sqlite"
 
     def __init__(self, path: Path, settings: Settings) -> None:
@@ -485,7 +497,7 @@ class SQLiteEngine(Engine):
         self._writer, self._readers = None, []
         _OPEN_ENGINES.discard(self)
         if workers and not self._forked:
-            await asyncio.to_thread(lambda: [w.stop() for w in workers])
+            await asyncio.to_thread(_stop_all, workers)
 
     def _check_usable(self) -> None:
         if self._forked:
@@ -554,8 +566,7 @@ class SQLiteEngine(Engine):
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
         sql = (
-            f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? AND seq > ? "
-            "ORDER BY seq LIMIT ?"
+            f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? AND seq > ? ORDER BY seq LIMIT ?"
         )
         return await self._messages(tenant, session_id, now, sql, (after_seq, limit))
 
@@ -856,9 +867,7 @@ def _w_insert_folder(record: FolderRecord, conn: sqlite3.Connection) -> None:
             (record.tenant, record.id, record.owner, record.name, record.created_at),
         )
     except sqlite3.IntegrityError as exc:
-        raise AlreadyExists(
-            f"owner {record.owner!r} already has a folder {record.name!r}"
-        ) from exc
+        raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}") from exc
 
 
 def _w_rename_folder(
@@ -917,4 +926,3 @@ def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connectio
         ).fetchall()
     _drop_sessions(conn, pks)
     return len(pks)
-

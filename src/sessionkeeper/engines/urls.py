@@ -63,4 +63,3 @@ def engine_from_url(url: str, settings: Settings) -> Engine:
         raise InvalidInput(
             "url", f"the {scheme} engine needs its driver: pip install 'sessionkeeper[{extra}]'"
         ) from exc
-
