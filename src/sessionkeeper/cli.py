@@ -1,0 +1,416 @@
+"""The `sessionkeeper` command line: thin commands over the sync store, shown by rich or as JSON.
+
+Every command opens the store named by ``--url`` (or ``SESSIONKEEPER_URL``) for ``--tenant``
+(or ``SESSIONKEEPER_TENANT``), makes one call to the sync twin and prints the result: rich
+tables by default, or with ``--json`` only JSON on stdout (the models' ``model_dump``).
+
+Errors print one line, ``error: <what went wrong>``, on stderr, and exit with
+
+- 2 for bad input: ``InvalidInput`` from the store, JSON options that do not parse, bad
+  ``SESSIONKEEPER_*`` settings, and usage errors (unknown option, missing argument);
+- 1 for every other ``SessionKeeperError``: ``NotFound``, ``AlreadyExists``,
+  ``VersionConflict``, ``BackendUnavailable``.
+
+The CLI parses JSON text and nothing more: the store validates every value.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, ParamSpec, TypeVar, cast
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.json import JSON
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .errors import InvalidInput, SessionKeeperError
+from .models import UNSET, Message, Page, Session, SessionSummary, Stats, Status
+from .settings import DEFAULT_URL
+from .store import OrderBy
+from .sync import SyncSessionStore, open_store_sync
+
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "app", "main"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+app = typer.Typer(
+    name="sessionkeeper",
+    help="Durable session storage for chat apps and AI agents, from the shell.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+
+
+def main() -> None:
+    """The ``sessionkeeper`` console script."""
+    app()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """The store the global options name; None means the settings' default."""
+
+    url: str | None
+    tenant: str | None
+
+
+@app.callback()
+def _target(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SESSIONKEEPER_URL",
+            show_default=DEFAULT_URL,
+            help="Store URL: sqlite:///path.db, memory:// ...",
+        ),
+    ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(envvar="SESSIONKEEPER_TENANT", show_default="default", help="Tenant"),
+    ] = None,
+) -> None:
+    ctx.obj = _Target(url, tenant)
+
+
+@contextmanager
+def _store(ctx: typer.Context) -> Iterator[SyncSessionStore]:
+    target: _Target = ctx.obj
+    with open_store_sync(target.url, tenant=target.tenant) as store:
+        yield store
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {' '.join(message.splitlines())}", err=True)
+    return typer.Exit(code)
+
+
+def _command(name: str | None = None) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """Register a command whose sessionkeeper errors become one line on stderr and an
+    exit code, never a traceback."""
+
+    def register(command: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(command)
+        def run(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                command(*args, **kwargs)
+            except InvalidInput as exc:
+                raise _fail(str(exc), EXIT_INVALID) from None
+            except SessionKeeperError as exc:
+                raise _fail(str(exc), EXIT_FAILED) from None
+            except ValidationError as exc:  # only Settings() lets one out: a bad env variable
+                error = exc.errors()[0]
+                setting = "_".join(str(part) for part in error["loc"]).upper()
+                raise _fail(f"SESSIONKEEPER_{setting}: {error['msg']}", EXIT_INVALID) from None
+
+        app.command(name)(run)
+        return run
+
+    return register
+
+
+def _parse_json(text: str | None, field: str) -> Any:
+    """The JSON value of an option, or None if it was not given; the store checks its shape."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(field, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(field, "is nested too deeply") from None
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def _emit(value: T, as_json: bool, render: Callable[[T], RenderableType]) -> None:
+    """Print ``value`` as JSON only, or as the rich ``render`` of it."""
+    if as_json:
+        typer.echo(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+    else:
+        # User text is never rich markup or emoji codes; crop=False keeps long cursors whole.
+        console = Console(markup=False, emoji=False, highlight=False)
+        console.print(render(value), crop=False)
+
+
+def _jsonable(value: object) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _text(value: object) -> Text:
+    if value is None:
+        return Text("-", style="dim")
+    if isinstance(value, datetime):
+        return Text(value.strftime("%Y-%m-%d %H:%M:%SZ"))
+    if isinstance(value, float):
+        return Text(f"{value:g}")
+    if isinstance(value, str):
+        return Text(value)
+    return Text(json.dumps(value, ensure_ascii=False))
+
+
+def _table(*columns: str) -> Table:
+    """A table whose columns named with a leading ``=`` never wrap (ids, times)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for column in columns:
+        table.add_column(column.lstrip("="), no_wrap=column.startswith("="))
+    return table
+
+
+def _fields(rows: list[tuple[str, Any]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, value if isinstance(value, JSON | Table) else _text(value))
+    return grid
+
+
+def _session_panel(session: Session) -> Panel:
+    s = session
+    rows: list[tuple[str, Any]] = [
+        ("tenant", s.tenant),
+        ("owner", s.owner),
+        ("folder", s.folder),
+        ("title", s.title),
+        ("status", s.status),
+        ("step", s.step),
+        ("version", s.version),
+        ("created", s.created_at),
+        ("updated", s.updated_at),
+        ("expires", s.expires_at or "never"),
+        ("idle ttl", None if s.idle_ttl is None else f"{s.idle_ttl:g} s"),
+        ("messages", f"{s.message_count} (last seq {s.last_seq})"),
+        ("tokens", f"{s.input_tokens} in, {s.output_tokens} out"),
+        ("cost", s.cost),
+        ("metadata", JSON.from_data(s.metadata)),
+        ("state", JSON.from_data(s.state)),
+    ]
+    return Panel(_fields(rows), title=Text(f"session {s.id}"), title_align="left")
+
+
+def _messages_table(messages: list[Message]) -> Table:
+    table = _table("=seq", "role", "content", "=tokens in/out", "=cost", "=created")
+    for m in messages:
+        tokens = f"{m.input_tokens}/{m.output_tokens}"
+        table.add_row(*map(_text, (m.seq, m.role, m.content, tokens, m.cost, m.created_at)))
+    return table
+
+
+def _page_view(page: Page[SessionSummary]) -> RenderableType:
+    # folder and step fit no terminal next to these; show and --json have them
+    table = _table("=id", "owner", "title", "=status", "=msgs", "=updated")
+    for s in page.items:
+        fields = (s.id, s.owner, s.title, s.status, s.message_count, s.updated_at)
+        table.add_row(*map(_text, fields))
+    if page.next_cursor is None:
+        return table
+    return Group(table, Text(f"next cursor: {page.next_cursor}", no_wrap=True, overflow="ignore"))
+
+
+def _stats_panel(stats: Stats) -> Panel:
+    owners = Table("owner", "sessions", box=None, padding=(0, 2, 0, 0))
+    for entry in stats.top_owners:
+        owners.add_row(_text(entry.owner), _text(entry.sessions))
+    rows: list[tuple[str, Any]] = [
+        ("total", stats.total),
+        ("active", stats.active),
+        ("completed", stats.completed),
+        ("archived", stats.archived),
+        ("updated in last 24 h", stats.active_last_24h),
+        ("completion rate", f"{stats.completion_rate:.1%}"),
+        ("messages", stats.messages),
+        ("tokens", f"{stats.input_tokens} in, {stats.output_tokens} out"),
+        ("cost", stats.cost),
+        ("top owners", owners if stats.top_owners else None),
+    ]
+    return Panel(_fields(rows), title="stats", title_align="left")
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+@_command()
+def create(
+    ctx: typer.Context,
+    session_id: Annotated[
+        str | None, typer.Option("--id", show_default="generated", help="Session id")
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="User or company id")] = None,
+    folder: Annotated[str | None, typer.Option(help="Folder id")] = None,
+    title: Annotated[str, typer.Option()] = "",
+    status: Annotated[str, typer.Option(help="active, completed or archived")] = "active",
+    step: Annotated[str | None, typer.Option(help="The app's current step")] = None,
+    state: Annotated[str | None, typer.Option(help="State, a JSON object")] = None,
+    metadata: Annotated[str | None, typer.Option(help="Metadata, a JSON object")] = None,
+    ttl: Annotated[float | None, typer.Option(metavar="SECONDS", help="Lifetime")] = None,
+    idle_ttl: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Idle lifetime, renewed on access")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a session and print it."""
+    state_value = _parse_json(state, "state")
+    metadata_value = _parse_json(metadata, "metadata")
+    with _store(ctx) as store:
+        session = store.create_session(
+            session_id=session_id,
+            owner=owner,
+            folder=folder,
+            title=title,
+            status=cast(Status, status),
+            step=step,
+            state=state_value,
+            metadata=metadata_value,
+            ttl=ttl,
+            idle_ttl=idle_ttl,
+        )
+    _emit(session, as_json, _session_panel)
+
+
+@_command()
+def show(ctx: typer.Context, session_id: str, as_json: JsonFlag = False) -> None:
+    """Show a session with its state and aggregates."""
+    with _store(ctx) as store:
+        session = store.get_session(session_id)
+    _emit(session, as_json, _session_panel)
+
+
+@_command()
+def append(
+    ctx: typer.Context,
+    session_id: str,
+    role: str,
+    content: Annotated[str, typer.Argument(help="Message text (or JSON with --json-content)")],
+    json_content: Annotated[
+        bool, typer.Option("--json-content", help="Parse CONTENT as JSON")
+    ] = False,
+    input_tokens: Annotated[int, typer.Option()] = 0,
+    output_tokens: Annotated[int, typer.Option()] = 0,
+    cost: Annotated[float, typer.Option()] = 0.0,
+    metadata: Annotated[str | None, typer.Option(help="Metadata, a JSON object")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Append one message to a session and print it with its seq."""
+    value = _parse_json(content, "content") if json_content else content
+    metadata_value = _parse_json(metadata, "metadata")
+    with _store(ctx) as store:
+        message = store.append_message(
+            session_id,
+            role,
+            value,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
+            metadata=metadata_value,
+        )
+    _emit(message, as_json, lambda m: _messages_table([m]))
+
+
+@_command()
+def messages(
+    ctx: typer.Context,
+    session_id: str,
+    after: Annotated[
+        int | None,
+        typer.Option(
+            metavar="SEQ", show_default=False, help="Only messages after this seq (default 0)"
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(show_default=False, help="At most this many messages (default 100)"),
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option(metavar="N", help="The newest N messages instead")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print a session's messages, oldest first."""
+    if last is not None and (after is not None or limit is not None):
+        raise InvalidInput("last", "give either --last or --after/--limit, not both")
+    with _store(ctx) as store:
+        if last is not None:
+            found = store.last_messages(session_id, last)
+        else:
+            found = store.read_messages(
+                session_id, after_seq=after or 0, limit=100 if limit is None else limit
+            )
+    _emit(found, as_json, _messages_table)
+
+
+@_command("list")
+def list_sessions(
+    ctx: typer.Context,
+    owner: Annotated[str | None, typer.Option()] = None,
+    folder: Annotated[str | None, typer.Option(help="Folder id")] = None,
+    status: Annotated[str | None, typer.Option(help="active, completed or archived")] = None,
+    title: Annotated[str | None, typer.Option(help="Title contains (ASCII case ignored)")] = None,
+    order: Annotated[str, typer.Option(help="created_at or updated_at")] = "created_at",
+    asc: Annotated[bool, typer.Option("--asc", help="Oldest first")] = False,
+    limit: Annotated[int, typer.Option()] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List a page of sessions, newest first, and the cursor of the next page."""
+    with _store(ctx) as store:
+        page = store.list_sessions(
+            owner=UNSET if owner is None else owner,
+            folder=UNSET if folder is None else folder,
+            status=cast(Status | None, status),
+            title_contains=title,
+            order_by=cast(OrderBy, order),
+            descending=not asc,
+            limit=limit,
+            cursor=cursor,
+        )
+    _emit(page, as_json, _page_view)
+
+
+@_command()
+def stats(
+    ctx: typer.Context,
+    top: Annotated[int, typer.Option(metavar="N", help="How many top owners")] = 5,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print totals, recent activity, the completion rate and the top owners."""
+    with _store(ctx) as store:
+        figures = store.stats(top=top)
+    _emit(figures, as_json, _stats_panel)
+
+
+@_command()
+def purge(
+    ctx: typer.Context,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants", help="Every tenant's")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete expired sessions and their messages; print how many."""
+    with _store(ctx) as store:
+        purged = store.purge_expired(all_tenants=all_tenants)
+    where = "all tenants" if all_tenants else f"tenant {store.tenant}"
+    _emit(
+        {"purged": purged}, as_json, lambda _: Text(f"purged {purged} expired sessions in {where}")
+    )
