@@ -13,6 +13,7 @@ import argparse
 import ast
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,12 @@ class SyncSessionStore:
         return self._store.settings
 
     def open(self) -> Self:
-        self._portal.call(self._store.open())
+        try:
+            self._portal.call(self._store.open())
+        except BaseException:
+            if self._owns_portal:
+                self._portal.stop()
+            raise
         return self
 
     def close(self) -> None:
@@ -148,7 +154,9 @@ def generate() -> str:
         returns = ast.unparse(node.returns) if node.returns else "None"
         used |= _names(node.args) | (_names(node.returns) if node.returns else set())
         doc = ast.get_docstring(node) or ""
-        first = doc.splitlines()[0] if doc else ""
+        first = textwrap.fill(
+            " ".join(doc.split("\n\n")[0].split()), width=88, subsequent_indent=" " * 8
+        )
         call = f"self._store.{node.name}({_call_args(node.args)})"
         methods.append(
             f"    def {node.name}({signature}) -> {returns}:\n"

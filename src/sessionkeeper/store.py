@@ -63,7 +63,13 @@ def open_store(
 
     Use it as ``async with open_store("sqlite:///sessions.db") as store: ...``.
     """
-    settings = settings or Settings()
+    if settings is None:
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = f"SESSIONKEEPER_{'_'.join(str(p) for p in error['loc']).upper()}"
+            raise InvalidInput(name, error["msg"]) from None
     engine = engine_from_url(url or settings.url, settings)
     return SessionStore(engine, tenant=tenant, settings=settings, clock=clock, owns_engine=True)
 

@@ -85,7 +85,12 @@ class SyncSessionStore:
         return self._store.settings
 
     def open(self) -> Self:
-        self._portal.call(self._store.open())
+        try:
+            self._portal.call(self._store.open())
+        except BaseException:
+            if self._owns_portal:
+                self._portal.stop()
+            raise
         return self
 
     def close(self) -> None:
@@ -281,7 +286,8 @@ class SyncSessionStore:
         )
 
     def clear_messages(self, session_id: str, *, expected_version: int | None = None) -> int:
-        """Remove every message and zero the aggregates; seqs are not reused. Returns how"""
+        """Remove every message and zero the aggregates; seqs are not reused. Returns how many were
+        removed."""
         return self._portal.call(
             self._store.clear_messages(session_id, expected_version=expected_version)
         )
@@ -302,7 +308,9 @@ class SyncSessionStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page[SessionSummary]:
-        """A page of live sessions (without state), newest first unless ``descending`` is"""
+        """A page of live sessions (without state), newest first unless ``descending`` is False.
+        Ranges include ``*_since`` and exclude ``*_before``; ``title_contains`` ignores
+        ASCII case; pass ``next_cursor`` back as ``cursor`` for the next page."""
         return self._portal.call(
             self._store.list_sessions(
                 owner=owner,
@@ -347,7 +355,8 @@ class SyncSessionStore:
         )
 
     def stats(self, *, top: int = 5) -> Stats:
-        """Totals, status counts, sessions updated in the last 24 hours, completion rate,"""
+        """Totals, status counts, sessions updated in the last 24 hours, completion rate, message,
+        token and cost sums, and the ``top`` owners by session count."""
         return self._portal.call(self._store.stats(top=top))
 
     def create_folder(self, name: str, *, owner: str | None = None) -> Folder:
@@ -369,7 +378,8 @@ class SyncSessionStore:
     def delete_folder(
         self, folder_id: str, *, reassign_to: str | None = None, cascade: bool = False
     ) -> int:
-        """Delete a folder. Its sessions move to ``reassign_to``, are deleted if"""
+        """Delete a folder. Its sessions move to ``reassign_to``, are deleted if ``cascade``, or
+        else are left in no folder. Returns how many sessions it had."""
         return self._portal.call(
             self._store.delete_folder(folder_id, reassign_to=reassign_to, cascade=cascade)
         )
