@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import math
 import re
@@ -15,13 +14,15 @@ import secrets
 from typing import Any
 
 from .errors import InvalidInput, VersionConflict
-from .models import Change, MessageRecord, SessionQuery, SessionRecord
+from .models import Change, MessageDraft, MessageRecord, SessionQuery, SessionRecord
 
 __all__ = [
     "ID_PATTERN",
+    "apply_append",
     "apply_change",
     "ascii_lower",
     "check_id",
+    "check_version",
     "decode_cursor",
     "encode_cursor",
     "encode_json",
@@ -31,6 +32,7 @@ __all__ = [
     "matches",
     "merge_patch",
     "new_id",
+    "number_messages",
     "remove_messages",
     "renewed_expiry",
     "sort_key",
@@ -108,13 +110,16 @@ def _check_scalar(value: Any, field: str) -> None:
     raise InvalidInput(field, f"{type(value).__name__} is not a JSON value")
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def encode_json(value: Any, field: str, max_bytes: int, max_depth: int) -> str:
     """Serialise a JSON value compactly after checking its types, depth and size."""
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    else:
+    if not isinstance(value, str):
+        if isinstance(value, dict) and not value:
+            return "{}"
         _check_tree(value, field, max_depth)
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = _encode(value)
     size = len(text) if text.isascii() else len(text.encode())
     if size > max_bytes:
         raise InvalidInput(field, f"is {size} bytes as JSON, over the limit of {max_bytes}")
@@ -185,9 +190,8 @@ def apply_change(
     patch leaves state over the limits. ``record`` must carry its state when the change
     patches it. The input record is not modified.
     """
-    if change.expected_version is not None and change.expected_version != record.version:
-        raise VersionConflict(record.id, change.expected_version, record.version)
-    new = dataclasses.replace(record)
+    check_version(record, change.expected_version)
+    new, appended = apply_append(record, change.messages, now)
     for name, value in change.fields.items():
         setattr(new, name, value)
     if change.state is not None:
@@ -196,26 +200,47 @@ def apply_change(
         current = json.loads(record.state) if record.state is not None else {}
         merged = merge_patch(current, change.state_patch)
         new.state = encode_json(merged, "state", change.max_state_bytes, change.max_depth)
-    appended = []
-    for draft in change.messages:
-        new.last_seq += 1
-        appended.append(
-            MessageRecord(
-                session_id=record.id,
-                seq=new.last_seq,
-                role=draft.role,
-                content=draft.content,
-                input_tokens=draft.input_tokens,
-                output_tokens=draft.output_tokens,
-                cost=draft.cost,
-                metadata=draft.metadata,
-                created_at=now,
-            )
+    return new, appended
+
+
+def check_version(record: SessionRecord, expected_version: int | None) -> None:
+    if expected_version is not None and expected_version != record.version:
+        raise VersionConflict(record.id, expected_version, record.version)
+
+
+def number_messages(
+    session_id: str, last_seq: int, drafts: list[MessageDraft], now: float
+) -> list[MessageRecord]:
+    """The drafts as stored messages, numbered after ``last_seq`` with no gap."""
+    return [
+        MessageRecord(
+            session_id,
+            last_seq + offset,
+            draft.role,
+            draft.content,
+            draft.input_tokens,
+            draft.output_tokens,
+            draft.cost,
+            draft.metadata,
+            now,
         )
+        for offset, draft in enumerate(drafts, 1)
+    ]
+
+
+def apply_append(
+    record: SessionRecord, drafts: list[MessageDraft], now: float
+) -> tuple[SessionRecord, list[MessageRecord]]:
+    """A copy of the session after ``drafts`` were appended at ``now`` (a change even with
+    no drafts: new version, ``updated_at`` and idle expiry), and the numbered messages."""
+    new = record.copy()
+    appended = number_messages(record.id, record.last_seq, drafts, now)
+    for draft in drafts:
         new.input_tokens += draft.input_tokens
         new.output_tokens += draft.output_tokens
         new.cost += draft.cost
     new.message_count += len(appended)
+    new.last_seq += len(appended)
     new.version += 1
     new.updated_at = now
     new.expires_at = renewed_expiry(record.expires_at, record.idle_ttl, record.deadline, now)
@@ -231,7 +256,7 @@ def remove_messages(
     now: float,
 ) -> SessionRecord:
     """A session after ``count`` messages with these token and cost sums were removed."""
-    new = dataclasses.replace(record)
+    new = record.copy()
     new.message_count -= count
     if new.message_count <= 0:
         new.message_count = new.input_tokens = new.output_tokens = 0

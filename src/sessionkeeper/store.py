@@ -49,6 +49,7 @@ MessageLike = MessageIn | Mapping[str, Any]
 OrderBy = Literal["created_at", "updated_at"]
 
 _DAY = 86_400.0
+_MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
 _MAX_NAME = 256
 
 
@@ -126,6 +127,14 @@ def _optional_text(value: object, field: str, max_length: int) -> str | None:
     return None if value is None else _text(value, field, max_length)
 
 
+def _cost(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(field, f"must be a number, not {type(value).__name__}")
+    if not 0 <= value < float("inf"):
+        raise InvalidInput(field, "must be a finite number, 0 or more")
+    return float(value)
+
+
 def _version(value: object) -> int | None:
     return None if value is None else _int(value, "expected_version", 1)
 
@@ -134,6 +143,85 @@ def _status(value: object) -> str:
     if value not in STATUSES:
         raise InvalidInput("status", f"must be one of {', '.join(STATUSES)}, not {value!r}")
     return str(value)
+
+
+# --- records to models ------------------------------------------------------------------
+# Records come from our own engines, so the models' validators only copy them: the
+# pydantic-core validator is the fastest documented way to build a model from a dict.
+
+_validate_session = Session.__pydantic_validator__.validate_python
+_validate_summary = SessionSummary.__pydantic_validator__.validate_python
+_validate_message = Message.__pydantic_validator__.validate_python
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _load_object(text: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = {} if text == "{}" else json.loads(text)
+    return loaded
+
+
+def _summary_fields(r: SessionRecord) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "tenant": r.tenant,
+        "owner": r.owner,
+        "folder": r.folder,
+        "title": r.title,
+        "status": r.status,
+        "step": r.step,
+        "metadata": _load_object(r.metadata),
+        "version": r.version,
+        "created_at": _utc(r.created_at),
+        "updated_at": _utc(r.updated_at),
+        "expires_at": None if r.expires_at is None else _utc(r.expires_at),
+        "idle_ttl": r.idle_ttl,
+        "message_count": r.message_count,
+        "last_seq": r.last_seq,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "cost": r.cost,
+    }
+
+
+def _session(record: SessionRecord) -> Session:
+    fields = _summary_fields(record)
+    fields["state"] = _load_object(record.state) if record.state is not None else {}
+    session: Session = _validate_session(fields)
+    return session
+
+
+def _summary(record: SessionRecord) -> SessionSummary:
+    summary: SessionSummary = _validate_summary(_summary_fields(record))
+    return summary
+
+
+def _message(r: MessageRecord, content: Any = None, has_content: bool = False) -> Message:
+    """A Message from a record; ``content`` may be passed when the caller still holds it."""
+    message: Message = _validate_message(
+        {
+            "session_id": r.session_id,
+            "seq": r.seq,
+            "role": r.role,
+            "content": content if has_content else json.loads(r.content),
+            "input_tokens": r.input_tokens,
+            "output_tokens": r.output_tokens,
+            "cost": r.cost,
+            "metadata": _load_object(r.metadata),
+            "created_at": _utc(r.created_at),
+        }
+    )
+    return message
+
+
+def _folder(r: FolderRecord) -> Folder:
+    return Folder(
+        id=r.id,
+        tenant=r.tenant,
+        owner=r.owner,
+        name=r.name,
+        created_at=_utc(r.created_at),
+        session_count=r.session_count,
+    )
 
 
 class SessionStore:
@@ -203,58 +291,6 @@ class SessionStore:
     def _now(self) -> float:
         return self._clock.now()
 
-    # --- models ------------------------------------------------------------------------
-
-    def _summary_fields(self, r: SessionRecord) -> dict[str, Any]:
-        return {
-            "id": r.id,
-            "tenant": r.tenant,
-            "owner": r.owner,
-            "folder": r.folder,
-            "title": r.title,
-            "status": r.status,
-            "step": r.step,
-            "metadata": json.loads(r.metadata),
-            "version": r.version,
-            "created_at": _utc(r.created_at),
-            "updated_at": _utc(r.updated_at),
-            "expires_at": None if r.expires_at is None else _utc(r.expires_at),
-            "idle_ttl": r.idle_ttl,
-            "message_count": r.message_count,
-            "last_seq": r.last_seq,
-            "input_tokens": r.input_tokens,
-            "output_tokens": r.output_tokens,
-            "cost": r.cost,
-        }
-
-    def _session(self, record: SessionRecord) -> Session:
-        fields = self._summary_fields(record)
-        fields["state"] = json.loads(record.state) if record.state is not None else {}
-        return Session.model_construct(**fields)
-
-    def _message(self, r: MessageRecord) -> Message:
-        return Message.model_construct(
-            session_id=r.session_id,
-            seq=r.seq,
-            role=r.role,
-            content=json.loads(r.content),
-            input_tokens=r.input_tokens,
-            output_tokens=r.output_tokens,
-            cost=r.cost,
-            metadata=json.loads(r.metadata),
-            created_at=_utc(r.created_at),
-        )
-
-    def _folder(self, r: FolderRecord) -> Folder:
-        return Folder.model_construct(
-            id=r.id,
-            tenant=r.tenant,
-            owner=r.owner,
-            name=r.name,
-            created_at=_utc(r.created_at),
-            session_count=r.session_count,
-        )
-
     # --- validation --------------------------------------------------------------------
 
     def _json_object(self, value: object, field: str, max_bytes: int) -> str:
@@ -268,34 +304,55 @@ class SessionStore:
         limit = self.settings.max_messages_per_append
         if len(messages) > limit:
             raise InvalidInput(field, f"has {len(messages)} messages, over the limit of {limit}")
-        return [self._draft(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+        return [self._draft_of(m, f"{field}[{i}]") for i, m in enumerate(messages)]
 
-    def _draft(self, message: MessageLike, field: str) -> MessageDraft:
+    def _draft_of(self, message: MessageLike, field: str) -> MessageDraft:
+        if isinstance(message, MessageIn):
+            fields = message.model_dump()
+        elif isinstance(message, Mapping):
+            fields = dict(message)
+            unknown = sorted(set(fields) - _MESSAGE_FIELDS, key=str)
+            if unknown:
+                raise InvalidInput(f"{field}.{unknown[0]}", "is not a message field")
+            if "role" not in fields:
+                raise InvalidInput(f"{field}.role", "is required")
+        else:
+            raise InvalidInput(field, f"must be a message, not {type(message).__name__}")
+        return self._draft(
+            fields["role"],
+            fields.get("content"),
+            fields.get("input_tokens", 0),
+            fields.get("output_tokens", 0),
+            fields.get("cost", 0.0),
+            fields.get("metadata"),
+            field,
+        )
+
+    def _draft(
+        self,
+        role: object,
+        content: object,
+        input_tokens: object,
+        output_tokens: object,
+        cost: object,
+        metadata: object,
+        field: str,
+    ) -> MessageDraft:
         """Validate one message; ``field`` prefixes the names in errors ("" for none)."""
         prefix = f"{field}." if field else ""
-        if not isinstance(message, MessageIn):
-            if not isinstance(message, Mapping):
-                raise InvalidInput(field, f"must be a message, not {type(message).__name__}")
-            try:
-                message = MessageIn.model_validate(message)
-            except ValidationError as exc:
-                error = exc.errors()[0]
-                where = ".".join(str(part) for part in error["loc"])
-                raise InvalidInput(f"{prefix}{where}", error["msg"]) from None
         max_bytes = self.settings.max_message_bytes
-        content = rules.encode_json(
-            message.content, f"{prefix}content", max_bytes, self.settings.max_depth
-        )
-        metadata = self._json_object(
-            message.metadata, f"{prefix}metadata", max_bytes - len(content)
+        content_json = rules.encode_json(
+            content, f"{prefix}content", max_bytes, self.settings.max_depth
         )
         return MessageDraft(
-            role=_text(message.role, f"{prefix}role", 64),
-            content=content,
-            input_tokens=message.input_tokens,
-            output_tokens=message.output_tokens,
-            cost=message.cost,
-            metadata=metadata,
+            role=_text(role, f"{prefix}role", 64),
+            content=content_json,
+            input_tokens=_int(input_tokens, f"{prefix}input_tokens", 0),
+            output_tokens=_int(output_tokens, f"{prefix}output_tokens", 0),
+            cost=_cost(cost, f"{prefix}cost"),
+            metadata="{}"
+            if metadata is None
+            else self._json_object(metadata, f"{prefix}metadata", max_bytes - len(content_json)),
         )
 
     def _session_id(self, session_id: object) -> str:
@@ -398,7 +455,7 @@ class SessionStore:
             deadline=deadline,
         )
         await self.engine.insert_session(record, now)
-        return self._session(record)
+        return _session(record)
 
     async def get_session(self, session_id: str) -> Session:
         """The session with its state. Raises NotFound if absent or expired."""
@@ -407,7 +464,7 @@ class SessionStore:
         )
         if record is None:
             raise NotFound(f"no session {session_id!r}")
-        return self._session(record)
+        return _session(record)
 
     async def delete_session(self, session_id: str, *, expected_version: int | None = None) -> None:
         """Delete a session and its messages. Raises NotFound or VersionConflict."""
@@ -468,7 +525,7 @@ class SessionStore:
         change.messages = self._drafts(messages, "messages") if messages else []
         record, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
         return ChangeResult.model_construct(
-            session=self._session(record), messages=[self._message(m) for m in appended]
+            session=_session(record), messages=[_message(m) for m in appended]
         )
 
     async def update_session(
@@ -531,11 +588,10 @@ class SessionStore:
         drafts = self._drafts(messages, "messages")
         if not drafts:
             raise InvalidInput("messages", "must hold at least one message")
-        change = Change(
-            expected_version=_version(expected_version), messages=drafts, want_state=False
+        appended = await self.engine.append_messages(
+            self.tenant, sid, drafts, self._now(), _version(expected_version)
         )
-        _, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
-        return [self._message(m) for m in appended]
+        return [_message(m) for m in appended]
 
     async def append_message(
         self,
@@ -550,22 +606,12 @@ class SessionStore:
         expected_version: int | None = None,
     ) -> Message:
         """Append one message and return it with its seq."""
-        message = {
-            "role": role,
-            "content": content,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cost": cost,
-            "metadata": {} if metadata is None else metadata,
-        }
         sid = self._session_id(session_id)
-        change = Change(
-            expected_version=_version(expected_version),
-            messages=[self._draft(message, "")],
-            want_state=False,
+        draft = self._draft(role, content, input_tokens, output_tokens, cost, metadata, "")
+        (appended,) = await self.engine.append_messages(
+            self.tenant, sid, [draft], self._now(), _version(expected_version)
         )
-        _, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
-        return self._message(appended[0])
+        return _message(appended, content, isinstance(content, _SCALARS))
 
     async def read_messages(
         self, session_id: str, *, after_seq: int = 0, limit: int = 100
@@ -583,7 +629,7 @@ class SessionStore:
         )
         if records is None:
             raise NotFound(f"no session {session_id!r}")
-        return [self._message(m) for m in records]
+        return [_message(m) for m in records]
 
     async def last_messages(self, session_id: str, n: int = 10) -> list[Message]:
         """The newest ``n`` messages, oldest first."""
@@ -595,7 +641,7 @@ class SessionStore:
         )
         if records is None:
             raise NotFound(f"no session {session_id!r}")
-        return [self._message(m) for m in records]
+        return [_message(m) for m in records]
 
     async def pop_message(
         self, session_id: str, *, expected_version: int | None = None
@@ -604,7 +650,7 @@ class SessionStore:
         _, popped = await self.engine.pop_message(
             self.tenant, self._session_id(session_id), self._now(), _version(expected_version)
         )
-        return None if popped is None else self._message(popped)
+        return None if popped is None else _message(popped)
 
     async def clear_messages(self, session_id: str, *, expected_version: int | None = None) -> int:
         """Remove every message and zero the aggregates; seqs are not reused. Returns how
@@ -654,7 +700,7 @@ class SessionStore:
         records = await self.engine.list_sessions(self.tenant, probe, self._now())
         page = records[:wanted]
         next_cursor = rules.encode_cursor(query, page[-1]) if len(records) > wanted else None
-        items = [SessionSummary.model_construct(**self._summary_fields(r)) for r in page]
+        items = [_summary(r) for r in page]
         return Page[SessionSummary].model_construct(items=items, next_cursor=next_cursor)
 
     async def count_sessions(
@@ -700,7 +746,7 @@ class SessionStore:
             created_at=self._now(),
         )
         await self.engine.insert_folder(record)
-        return self._folder(record)
+        return _folder(record)
 
     async def get_folder(self, folder_id: str) -> Folder:
         """The folder with its count of live sessions. Raises NotFound."""
@@ -709,7 +755,7 @@ class SessionStore:
         )
         if record is None:
             raise NotFound(f"no folder {folder_id!r}")
-        return self._folder(record)
+        return _folder(record)
 
     async def rename_folder(self, folder_id: str, name: str) -> Folder:
         """Rename a folder. Raises NotFound, or AlreadyExists if the owner has that name."""
@@ -719,7 +765,7 @@ class SessionStore:
             _text(name, "name", _MAX_NAME),
             self._now(),
         )
-        return self._folder(record)
+        return _folder(record)
 
     async def list_folders(self, *, owner: str | Unset | None = UNSET) -> list[Folder]:
         """Folders (of ``owner``, if given) by name, each with its count of live sessions."""
@@ -727,7 +773,7 @@ class SessionStore:
         records = await self.engine.list_folders(
             self.tenant, checked, owner is not UNSET, self._now()
         )
-        return [self._folder(r) for r in records]
+        return [_folder(r) for r in records]
 
     async def delete_folder(
         self, folder_id: str, *, reassign_to: str | None = None, cascade: bool = False

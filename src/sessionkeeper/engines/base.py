@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from ..models import (
     Change,
     FolderRecord,
+    MessageDraft,
     MessageRecord,
     SessionQuery,
     SessionRecord,
@@ -72,6 +73,20 @@ class Engine(ABC):
         """
 
     # --- messages ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageDraft],
+        now: float,
+        expected_version: int | None,
+    ) -> list[MessageRecord]:
+        """Append ``messages`` (at least one) after the session's ``last_seq``, with no gap,
+        and move its aggregates, version, ``updated_at`` and idle expiry as
+        ``rules.apply_append`` does, atomically. The hot path: no state is read or written.
+        Raises NotFound or VersionConflict."""
 
     @abstractmethod
     async def read_messages(

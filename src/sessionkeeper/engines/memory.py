@@ -9,10 +9,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .. import rules
-from ..errors import AlreadyExists, NotFound, VersionConflict
+from ..errors import AlreadyExists, NotFound
 from ..models import (
     Change,
     FolderRecord,
+    MessageDraft,
     MessageRecord,
     OwnerCount,
     SessionQuery,
@@ -83,8 +84,7 @@ class MemoryEngine(Engine):
         record = self._live(space, session_id, now)
         if record is None:
             raise NotFound(f"no session {session_id!r}")
-        if expected_version is not None and expected_version != record.version:
-            raise VersionConflict(session_id, expected_version, record.version)
+        rules.check_version(record, expected_version)
         return record
 
     def _check_folder(self, space: _Tenant, folder_id: str | None, owner: str | None) -> None:
@@ -137,6 +137,22 @@ class MemoryEngine(Engine):
             return new, appended
 
     # --- messages ----------------------------------------------------------------------
+
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageDraft],
+        now: float,
+        expected_version: int | None,
+    ) -> list[MessageRecord]:
+        with self._lock:
+            space = self._tenant(tenant)
+            current = self._writable(space, session_id, now, expected_version)
+            new, appended = rules.apply_append(current, messages, now)
+            space.sessions[session_id] = new
+            space.messages[session_id].extend(appended)
+            return appended
 
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int

@@ -28,11 +28,13 @@ from ..errors import (
     AlreadyExists,
     BackendUnavailable,
     NotFound,
+    SessionKeeperError,
     VersionConflict,
 )
 from ..models import (
     Change,
     FolderRecord,
+    MessageDraft,
     MessageRecord,
     OwnerCount,
     SessionQuery,
@@ -131,7 +133,33 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (session_pk, seq, role, content, input_tokens, output_tokens, cost, "
     "metadata, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
 )
+_APPEND_STATE = (
+    "SELECT pk, version, expires_at, idle_ttl, deadline, last_seq FROM sessions "
+    "WHERE tenant = ? AND id = ?"
+)
+# Only the columns an append moves, so the owner, folder and status indexes stay untouched.
+_APPEND_SET = (
+    "UPDATE sessions SET version = version + 1, updated_at = ?, "
+    "message_count = message_count + ?, last_seq = ?, input_tokens = input_tokens + ?, "
+    "output_tokens = output_tokens + ?, cost = cost + ?"
+)
+_APPEND_UPDATE = f"{_APPEND_SET} WHERE pk = ?"
+_APPEND_UPDATE_RENEW = f"{_APPEND_SET}, expires_at = ? WHERE pk = ?"
 _MESSAGE = "seq, role, content, input_tokens, output_tokens, cost, metadata, created_at"
+# One statement each (its own snapshot): the session's expiry, then its messages; a
+# session with none in range gives one row of NULL message columns.
+_READ_AFTER = (
+    "SELECT s.expires_at, s.idle_ttl, m.seq, m.role, m.content, m.input_tokens, "
+    "m.output_tokens, m.cost, m.metadata, m.created_at FROM sessions s "
+    "LEFT JOIN messages m ON m.session_pk = s.pk AND m.seq > ? "
+    "WHERE s.tenant = ? AND s.id = ? ORDER BY m.seq LIMIT ?"
+)
+_READ_LAST = (
+    "SELECT s.expires_at, s.idle_ttl, m.seq, m.role, m.content, m.input_tokens, "
+    "m.output_tokens, m.cost, m.metadata, m.created_at FROM sessions s "
+    "LEFT JOIN messages m ON m.session_pk = s.pk "
+    "WHERE s.tenant = ? AND s.id = ? ORDER BY m.seq DESC LIMIT ?"
+)
 _LIVE = "(s.expires_at IS NULL OR s.expires_at > ?)"
 _FOLDER = (
     "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, "
@@ -168,6 +196,12 @@ def _deliver(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_exception(value)
 
 
+def _unavailable(what: str, exc: sqlite3.Error) -> BackendUnavailable:
+    error = BackendUnavailable(f"sqlite: {what}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 def _wrap(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlite3.Error):
         wrapped = BackendUnavailable(f"sqlite: {exc}")
@@ -179,8 +213,12 @@ def _wrap(exc: BaseException) -> BaseException:
 class _Worker:
     """A thread that owns one connection and runs queued jobs in batches.
 
-    A writer runs each batch in one transaction with a savepoint per job; a reader runs
-    each job in its own read transaction.
+    A writer runs each batch in one ``BEGIN IMMEDIATE`` transaction and commits once
+    (group commit). Jobs follow one rule that makes this safe without a savepoint per job:
+    a job raises a SessionKeeperError only before its first write. Any other failure
+    (a driver error, a bug) rolls the batch back and replays each job in a transaction of
+    its own, so one bad job never takes the others down. A reader runs each job as is; a
+    job of several statements opens its own read transaction.
     """
 
     __slots__ = ("_conn", "_queue", "_thread", "_writer")
@@ -234,12 +272,10 @@ class _Worker:
         results: list[tuple[bool, Any]] = []
         for job in batch:
             try:
-                conn.execute("BEGIN")
-                try:
-                    results.append((True, job.fn(conn)))
-                finally:
-                    conn.execute("COMMIT")
+                results.append((True, job.fn(conn)))
             except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 results.append((False, _wrap(exc)))
         return results
 
@@ -248,36 +284,35 @@ class _Worker:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            error = BackendUnavailable(f"sqlite: could not start a write: {exc}")
-            error.__cause__ = exc
-            return [(False, error)] * len(batch)
+            return [(False, _unavailable("could not start a write", exc))] * len(batch)
         results: list[tuple[bool, Any]] = []
         for job in batch:
-            conn.execute("SAVEPOINT job")
             try:
-                value = job.fn(conn)
-            except BaseException as exc:
-                try:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                except sqlite3.Error:
-                    results.append((False, _wrap(exc)))
-                    break
-                results.append((False, _wrap(exc)))
-            else:
-                conn.execute("RELEASE job")
-                results.append((True, value))
+                results.append((True, job.fn(conn)))
+            except SessionKeeperError as exc:  # raised before the job wrote anything
+                results.append((False, exc))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                return [_Worker._write_alone(conn, job) for job in batch]
         try:
-            if len(results) < len(batch):
-                raise sqlite3.OperationalError("the transaction was aborted")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = BackendUnavailable(f"sqlite: the write was not committed: {exc}")
-            error.__cause__ = exc
-            return [(False, error)] * len(batch)
+            return [(False, _unavailable("the write was not committed", exc))] * len(batch)
         return results
+
+    @staticmethod
+    def _write_alone(conn: sqlite3.Connection, job: _Job) -> tuple[bool, Any]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            value = job.fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False, _wrap(exc)
+        return True, value
 
     @staticmethod
     def _hand_out(batch: list[_Job], results: list[tuple[bool, Any]]) -> None:
@@ -323,8 +358,7 @@ def _writable(
     found = _live_row(conn, sql, tenant, session_id, now)
     if found is None:
         raise NotFound(f"no session {session_id!r}")
-    if expected_version is not None and expected_version != found[1].version:
-        raise VersionConflict(session_id, expected_version, found[1].version)
+    rules.check_version(found[1], expected_version)
     return found
 
 
@@ -551,33 +585,42 @@ class SQLiteEngine(Engine):
 
     # --- messages ----------------------------------------------------------------------
 
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageDraft],
+        now: float,
+        expected_version: int | None,
+    ) -> list[MessageRecord]:
+        return await self._write(
+            partial(_w_append, tenant, session_id, messages, now, expected_version)
+        )
+
     async def _messages(
         self, tenant: str, session_id: str, now: float, sql: str, params: tuple[Any, ...]
     ) -> list[MessageRecord] | None:
-        found = await self._read(partial(_r_messages, tenant, session_id, now, sql, params))
-        if found is None:
+        rows = await self._read(partial(_r_messages, sql, params))
+        if not rows or rules.is_expired(rows[0][0], now):
             return None
-        idle, rows = found
-        if idle and await self._renew(tenant, session_id, now) is None:
+        if rows[0][1] is not None and await self._renew(tenant, session_id, now) is None:
             return None
-        return [MessageRecord(session_id, *row) for row in rows]
+        if rows[0][2] is None:  # the session has no messages (in range)
+            return []
+        return [MessageRecord(session_id, *row[2:]) for row in rows]
 
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
-        sql = (
-            f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? AND seq > ? ORDER BY seq LIMIT ?"
-        )
-        return await self._messages(tenant, session_id, now, sql, (after_seq, limit))
+        params = (after_seq, tenant, session_id, limit)
+        return await self._messages(tenant, session_id, now, _READ_AFTER, params)
 
     async def last_messages(
         self, tenant: str, session_id: str, now: float, limit: int
     ) -> list[MessageRecord] | None:
-        sql = (
-            f"SELECT * FROM (SELECT {_MESSAGE} FROM messages WHERE session_pk = ? "
-            "ORDER BY seq DESC LIMIT ?) ORDER BY seq"
-        )
-        return await self._messages(tenant, session_id, now, sql, (limit,))
+        params = (tenant, session_id, limit)
+        found = await self._messages(tenant, session_id, now, _READ_LAST, params)
+        return None if found is None else found[::-1]
 
     async def pop_message(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
@@ -670,11 +713,11 @@ def _w_insert(record: SessionRecord, now: float, conn: sqlite3.Connection) -> No
         "SELECT pk, expires_at FROM sessions WHERE tenant = ? AND id = ?",
         (record.tenant, record.id),
     ).fetchone()
-    if row is not None:
-        if not rules.is_expired(row[1], now):
-            raise AlreadyExists(f"session {record.id!r} already exists")
-        _drop_sessions(conn, [(row[0],)])
+    if row is not None and not rules.is_expired(row[1], now):
+        raise AlreadyExists(f"session {record.id!r} already exists")
     _check_folder(conn, record.tenant, record.folder, record.owner)
+    if row is not None:  # an expired session with this id goes, with its messages
+        _drop_sessions(conn, [(row[0],)])
     r = record
     cursor = conn.execute(
         _INSERT_SESSION,
@@ -746,24 +789,52 @@ def _w_change(
     if new.state is not current.state:
         conn.execute("UPDATE states SET state = ? WHERE session_pk = ?", (new.state, pk))
     if appended:
-        conn.executemany(
-            _INSERT_MESSAGE,
-            [
-                (
-                    pk,
-                    m.seq,
-                    m.role,
-                    m.content,
-                    m.input_tokens,
-                    m.output_tokens,
-                    m.cost,
-                    m.metadata,
-                    m.created_at,
-                )
-                for m in appended
-            ],
-        )
+        conn.executemany(_INSERT_MESSAGE, [(pk, *_message_row(m)) for m in appended])
     return new, appended
+
+
+def _w_append(
+    tenant: str,
+    session_id: str,
+    drafts: list[MessageDraft],
+    now: float,
+    expected_version: int | None,
+    conn: sqlite3.Connection,
+) -> list[MessageRecord]:
+    row = conn.execute(_APPEND_STATE, (tenant, session_id)).fetchone()
+    if row is None or rules.is_expired(row[2], now):
+        raise NotFound(f"no session {session_id!r}")
+    pk, version, expires_at, idle_ttl, deadline, last_seq = row
+    if expected_version is not None and expected_version != version:
+        raise VersionConflict(session_id, expected_version, version)
+    appended = rules.number_messages(session_id, last_seq, drafts, now)
+    tokens_in = tokens_out = 0
+    cost = 0.0
+    for draft in drafts:
+        tokens_in += draft.input_tokens
+        tokens_out += draft.output_tokens
+        cost += draft.cost
+    moved = (now, len(drafts), last_seq + len(drafts), tokens_in, tokens_out, cost)
+    renewed = rules.renewed_expiry(expires_at, idle_ttl, deadline, now)
+    if renewed == expires_at:  # leave expires_at out of SET: its index is not touched
+        conn.execute(_APPEND_UPDATE, (*moved, pk))
+    else:
+        conn.execute(_APPEND_UPDATE_RENEW, (*moved, renewed, pk))
+    conn.executemany(_INSERT_MESSAGE, [(pk, *_message_row(m)) for m in appended])
+    return appended
+
+
+def _message_row(m: MessageRecord) -> tuple[Any, ...]:
+    return (
+        m.seq,
+        m.role,
+        m.content,
+        m.input_tokens,
+        m.output_tokens,
+        m.cost,
+        m.metadata,
+        m.created_at,
+    )
 
 
 def _w_pop(
@@ -805,24 +876,14 @@ def _w_clear(
 
 
 def _r_messages(
-    tenant: str,
-    session_id: str,
-    now: float,
-    sql: str,
-    params: tuple[Any, ...],
-    conn: sqlite3.Connection,
-) -> tuple[bool, list[tuple[Any, ...]]] | None:
-    row = conn.execute(
-        "SELECT pk, expires_at, idle_ttl FROM sessions WHERE tenant = ? AND id = ?",
-        (tenant, session_id),
-    ).fetchone()
-    if row is None or rules.is_expired(row[1], now):
-        return None
-    return row[2] is not None, conn.execute(sql, (row[0], *params)).fetchall()
+    sql: str, params: tuple[Any, ...], conn: sqlite3.Connection
+) -> list[tuple[Any, ...]]:
+    return conn.execute(sql, params).fetchall()
 
 
 def _r_stats(tenant: str, now: float, since: float, top: int, conn: sqlite3.Connection) -> Stats:
     live = f"s.tenant = ? AND {_LIVE}"
+    conn.execute("BEGIN")  # both statements see one snapshot
     (total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost) = (
         conn.execute(
             "SELECT count(*), total(s.status = 'active'), total(s.status = 'completed'), "
@@ -837,6 +898,7 @@ def _r_stats(tenant: str, now: float, since: float, top: int, conn: sqlite3.Conn
         "GROUP BY s.owner ORDER BY n DESC, ifnull(s.owner, '') LIMIT ?",
         (tenant, now, top),
     ).fetchall()
+    conn.execute("COMMIT")
     return Stats(
         total=total,
         active=int(active),
