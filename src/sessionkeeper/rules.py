@@ -120,7 +120,10 @@ def encode_json(value: Any, field: str, max_bytes: int, max_depth: int) -> str:
             return "{}"
         _check_tree(value, field, max_depth)
     text = _encode(value)
-    size = len(text) if text.isascii() else len(text.encode())
+    try:
+        size = len(text) if text.isascii() else len(text.encode())
+    except UnicodeEncodeError:
+        raise InvalidInput(field, "strings must be valid Unicode (no lone surrogates)") from None
     if size > max_bytes:
         raise InvalidInput(field, f"is {size} bytes as JSON, over the limit of {max_bytes}")
     return text

@@ -104,8 +104,9 @@ class Engine(ABC):
     async def pop_message(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
     ) -> tuple[SessionRecord, MessageRecord | None]:
-        """Remove the newest message (if any) and update aggregates with
-        ``rules.remove_messages``. Raises NotFound or VersionConflict."""
+        """Remove the newest message and update aggregates with ``rules.remove_messages``.
+        On an empty history nothing changes (not even idle expiry) and the message is None.
+        Raises NotFound or VersionConflict."""
 
     @abstractmethod
     async def clear_messages(
