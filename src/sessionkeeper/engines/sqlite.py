@@ -29,7 +29,6 @@ from ..errors import (
     BackendUnavailable,
     NotFound,
     SessionKeeperError,
-    VersionConflict,
 )
 from ..models import (
     Change,
@@ -133,18 +132,17 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (session_pk, seq, role, content, input_tokens, output_tokens, cost, "
     "metadata, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
 )
-_APPEND_STATE = (
-    "SELECT pk, version, expires_at, idle_ttl, deadline, last_seq FROM sessions "
-    "WHERE tenant = ? AND id = ?"
-)
-# Only the columns an append moves, so the owner, folder and status indexes stay untouched.
-_APPEND_SET = (
+# An append moves only these columns (so the owner, folder, status and expiry indexes stay
+# untouched) in one statement, and reads back what numbering and idle renewal need.
+_APPEND = (
     "UPDATE sessions SET version = version + 1, updated_at = ?, "
-    "message_count = message_count + ?, last_seq = ?, input_tokens = input_tokens + ?, "
-    "output_tokens = output_tokens + ?, cost = cost + ?"
+    "message_count = message_count + ?, last_seq = last_seq + ?, "
+    "input_tokens = input_tokens + ?, output_tokens = output_tokens + ?, cost = cost + ? "
+    "WHERE tenant = ? AND id = ? AND (expires_at IS NULL OR expires_at > ?)"
 )
-_APPEND_UPDATE = f"{_APPEND_SET} WHERE pk = ?"
-_APPEND_UPDATE_RENEW = f"{_APPEND_SET}, expires_at = ? WHERE pk = ?"
+_RETURNING = " RETURNING pk, last_seq, expires_at, idle_ttl, deadline"
+_APPEND_IF_VERSION = f"{_APPEND} AND version = ?{_RETURNING}"
+_APPEND = f"{_APPEND}{_RETURNING}"
 _MESSAGE = "seq, role, content, input_tokens, output_tokens, cost, metadata, created_at"
 # One statement each (its own snapshot): the session's expiry, then its messages; a
 # session with none in range gives one row of NULL message columns.
@@ -221,24 +219,39 @@ class _Worker:
     job of several statements opens its own read transaction.
     """
 
-    __slots__ = ("_conn", "_queue", "_thread", "_writer")
+    __slots__ = ("_conn", "_pending", "_queue", "_thread", "_writer")
 
     MAX_BATCH = 256
 
     def __init__(self, conn: sqlite3.Connection, name: str, writer: bool) -> None:
         self._conn = conn
         self._writer = writer
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Jobs submitted during one turn of an event loop, handed over together at its end:
+        # one wake-up of the thread per turn instead of one per job.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn, future, loop))
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append(_Job(fn, future, loop))
         return future
 
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs = self._pending.pop(loop, None)
+        if jobs:
+            self._queue.put(jobs)
+
     def stop(self) -> None:
+        """Run every job submitted so far, then end the thread."""
+        for loop in list(self._pending):
+            self._hand_over(loop)
         self._queue.put(None)
         self._thread.join()
 
@@ -246,10 +259,10 @@ class _Worker:
         conn = self._conn
         try:
             while True:
-                job = self._queue.get()
-                if job is None:
+                jobs = self._queue.get()
+                if jobs is None:
                     return
-                batch = [job]
+                batch = list(jobs)
                 stopping = False
                 while len(batch) < self.MAX_BATCH:
                     try:
@@ -259,7 +272,7 @@ class _Worker:
                     if more is None:
                         stopping = True
                         break
-                    batch.append(more)
+                    batch += more
                 results = self._write(conn, batch) if self._writer else self._read(conn, batch)
                 self._hand_out(batch, results)
                 if stopping:
@@ -801,25 +814,25 @@ def _w_append(
     expected_version: int | None,
     conn: sqlite3.Connection,
 ) -> list[MessageRecord]:
-    row = conn.execute(_APPEND_STATE, (tenant, session_id)).fetchone()
-    if row is None or rules.is_expired(row[2], now):
-        raise NotFound(f"no session {session_id!r}")
-    pk, version, expires_at, idle_ttl, deadline, last_seq = row
-    if expected_version is not None and expected_version != version:
-        raise VersionConflict(session_id, expected_version, version)
-    appended = rules.number_messages(session_id, last_seq, drafts, now)
     tokens_in = tokens_out = 0
     cost = 0.0
     for draft in drafts:
         tokens_in += draft.input_tokens
         tokens_out += draft.output_tokens
         cost += draft.cost
-    moved = (now, len(drafts), last_seq + len(drafts), tokens_in, tokens_out, cost)
-    renewed = rules.renewed_expiry(expires_at, idle_ttl, deadline, now)
-    if renewed == expires_at:  # leave expires_at out of SET: its index is not touched
-        conn.execute(_APPEND_UPDATE, (*moved, pk))
+    moved = (now, len(drafts), len(drafts), tokens_in, tokens_out, cost, tenant, session_id, now)
+    if expected_version is None:
+        row = conn.execute(_APPEND, moved).fetchone()
     else:
-        conn.execute(_APPEND_UPDATE_RENEW, (*moved, renewed, pk))
+        row = conn.execute(_APPEND_IF_VERSION, (*moved, expected_version)).fetchone()
+    if row is None:  # nothing was written: say why
+        _writable(conn, _WITHOUT_STATE, tenant, session_id, now, expected_version)
+        raise AssertionError("unreachable: the session is live and at the expected version")
+    pk, last_seq, expires_at, idle_ttl, deadline = row
+    renewed = rules.renewed_expiry(expires_at, idle_ttl, deadline, now)
+    if renewed != expires_at:
+        conn.execute("UPDATE sessions SET expires_at = ? WHERE pk = ?", (renewed, pk))
+    appended = rules.number_messages(session_id, last_seq - len(drafts), drafts, now)
     conn.executemany(_INSERT_MESSAGE, [(pk, *_message_row(m)) for m in appended])
     return appended
 
