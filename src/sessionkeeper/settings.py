@@ -15,7 +15,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SESSIONKEEPER_", extra="forbid", frozen=True)
 
-    url: str = Field(DEFAULT_URL, description="Store URL: memory://, sqlite:///path.db")
+    url: str = Field(
+        DEFAULT_URL,
+        description="Store URL: memory://, sqlite:///path.db, postgresql://..., redis://...",
+    )
     tenant: str = Field("default", description="Tenant used when none is given")
 
     max_state_bytes: int = Field(1_048_576, gt=0, description="Largest state, as UTF-8 JSON")
@@ -47,4 +50,14 @@ class Settings(BaseSettings):
         "normal",
         pattern="^(normal|full)$",
         description="SQLite synchronous mode: normal (WAL default) or full (fsync every commit)",
+    )
+
+    server_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds before a PostgreSQL or Redis call that gets no answer fails "
+        "with BackendUnavailable",
+    )
+    pool_size: int = Field(
+        10, gt=0, le=1000, description="Most connections a PostgreSQL or Redis store opens"
     )

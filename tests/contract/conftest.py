@@ -1,12 +1,16 @@
 """The one contract suite runs against every engine, chosen by URL.
 
-Engines that need a server carry the ``server`` marker; the next engine joins the whole
-suite by adding its URL to ENGINE_URLS. Tests never branch on the engine.
+Engines that need a server carry the ``server`` marker and run against real servers: a
+server that cannot be reached fails the tests, it never skips them. Each test gets a
+namespace of its own (a temporary folder, a PostgreSQL schema, a Redis key prefix) that
+is dropped afterwards. The next engine joins the whole suite by adding its URL to
+ENGINE_URLS. Tests never branch on the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +18,19 @@ import pytest
 from sessionkeeper import FrozenClock, SessionStore, Settings, SyncSessionStore, open_store
 from sessionkeeper.sync import open_store_sync
 
-# name -> URL template; {tmp} is a fresh temporary directory per test.
+from .namespaces import drop_namespace
+from .redis_cluster import redis_cluster
+
+__all__ = ["ENGINE_URLS", "SERVER_ENGINES", "SHARED_ENGINES", "redis_cluster"]
+
+# name -> URL template: {tmp} a fresh folder, {ns} a fresh namespace name, {cluster} the
+# address of the Redis Cluster the suite starts.
 ENGINE_URLS: dict[str, str] = {
     "memory": "memory://",
     "sqlite": "sqlite:///{tmp}/store.db",
 }
 SERVER_ENGINES: set[str] = set()
-# Engines whose data other processes see and that keeps it when the store is reopened.
+# Engines whose data other processes see and that keep it when the store is reopened.
 # Tests use this as a capability ("run the writers as processes"), never as an engine name.
 SHARED_ENGINES: set[str] = {"sqlite"}
 
@@ -39,8 +49,30 @@ def engine_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def engine_url(engine_name: str, tmp_path: Path) -> str:
-    return ENGINE_URLS[engine_name].format(tmp=tmp_path)
+def url_factory(
+    engine_name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], str]]:
+    """Makes URLs of this engine, each with a fresh namespace, all dropped at teardown."""
+    template = ENGINE_URLS[engine_name]
+    cluster = request.getfixturevalue("redis_cluster") if "{cluster}" in template else ""
+    made: list[str] = []
+
+    def make() -> str:
+        namespace = f"sk_t_{secrets.token_hex(5)}"
+        folder = tmp_path / namespace
+        folder.mkdir()
+        url = template.format(tmp=folder, ns=namespace, cluster=cluster)
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        drop_namespace(url)
+
+
+@pytest.fixture
+def engine_url(url_factory: Callable[[], str]) -> str:
+    return url_factory()
 
 
 @pytest.fixture

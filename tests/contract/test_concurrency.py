@@ -14,7 +14,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -56,17 +55,12 @@ def engines_slow_when_shared() -> list[Any]:
     ]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(name, id=name, marks=_marks(name, slow=True))
-        for name in ENGINE_URLS
-        if name in SHARED_ENGINES
-    ]
-)
-def shared_engine_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an engine that several processes can open at once (only those)."""
-    name: str = request.param
-    return ENGINE_URLS[name].format(tmp=tmp_path)
+# Only the engines several processes can open at once are collected for these tests.
+SHARED_PARAMS = [
+    pytest.param(name, id=name, marks=_marks(name, slow=True))
+    for name in ENGINE_URLS
+    if name in SHARED_ENGINES
+]
 
 
 def _store(url: str, clock: FrozenClock | None = None) -> SessionStore:
@@ -271,14 +265,15 @@ async def append_in_child(
         return await append_as(store, session_id, writer, count)
 
 
-async def test_concurrent_appends_from_processes(shared_engine_url: str) -> None:
+@pytest.mark.parametrize("engine_name", SHARED_PARAMS)
+async def test_concurrent_appends_from_processes(engine_url: str) -> None:
     processes, per_process = 4, 100
-    async with _store(shared_engine_url) as store:
+    async with _store(engine_url) as store:
         session = await store.create_session()
         start = multiprocessing.get_context("spawn").Barrier(processes)
         handed_out = await run_processes(
             [
-                (append_in_child, (shared_engine_url, session.id, writer, per_process, start))
+                (append_in_child, (engine_url, session.id, writer, per_process, start))
                 for writer in range(processes)
             ]
         )
@@ -345,9 +340,10 @@ async def read_after_restart(url: str) -> tuple[dict[str, Any], int]:
         return seen, appended.seq
 
 
-async def test_data_survives_a_restart(shared_engine_url: str) -> None:
-    [written] = await run_processes([(write_and_exit, (shared_engine_url,))])
-    [(read, next_seq)] = await run_processes([(read_after_restart, (shared_engine_url,))])
+@pytest.mark.parametrize("engine_name", SHARED_PARAMS)
+async def test_data_survives_a_restart(engine_url: str) -> None:
+    [written] = await run_processes([(write_and_exit, (engine_url,))])
+    [(read, next_seq)] = await run_processes([(read_after_restart, (engine_url,))])
     assert read == written
     assert written["session"]["last_seq"] == 3
     assert written["session"]["message_count"] == 2

@@ -8,8 +8,6 @@ test expects. Time comes from a FrozenClock that the machine moves by hand.
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +43,6 @@ from sessionkeeper import (
 )
 from sessionkeeper.models import Unset
 from sessionkeeper.sync import open_store_sync
-from tests.contract.conftest import ENGINE_URLS
 
 T = TypeVar("T")
 VersionChoice = Literal["none", "right", "behind", "ahead"]
@@ -204,13 +201,12 @@ def maybe(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | Unset]:
 class SessionMachine(RuleBasedStateMachine):
     """One fresh store (and, for file engines, a fresh folder) per run."""
 
-    url_template: ClassVar[str] = ""
+    url_factories: ClassVar[list[Callable[[], str]]] = []
     sessions = Bundle("sessions")
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = tempfile.mkdtemp(prefix="sessionkeeper-stateful-")
-        url = self.url_template.format(tmp=self.tmp)
+        url = self.url_factories[0]()
         self.clock = FrozenClock()
         self.store: SyncSessionStore = open_store_sync(
             url, settings=Settings(url=url), clock=self.clock
@@ -219,10 +215,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.model: dict[str, ModelSession] = {}
 
     def teardown(self) -> None:
-        try:
-            self.store.close()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.store.close()
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -611,11 +604,11 @@ class SessionMachine(RuleBasedStateMachine):
                     self.store.last_messages(gone.id)
 
 
-def test_store_agrees_with_model(engine_name: str) -> None:
-    """Each run gets its own store: the engine's URL template with a fresh folder."""
+def test_store_agrees_with_model(url_factory: Callable[[], str]) -> None:
+    """Each run gets its own store, in a fresh namespace of the engine."""
 
     class Machine(SessionMachine):
-        url_template = ENGINE_URLS[engine_name]
+        url_factories: ClassVar[list[Callable[[], str]]] = [url_factory]
 
     run_state_machine_as_test(
         Machine,
