@@ -1,0 +1,1033 @@
+"""The PostgreSQL engine: one schema of tables, reached through an asyncpg pool.
+
+Every hook is one statement where one suffices (an append is one UPDATE ... INSERT CTE;
+a read renews idle expiry in the same statement), and one transaction where it must read
+before it writes (a change locks its row with ``SELECT ... FOR UPDATE`` and applies
+``rules.apply_change`` in Python). Row locks serialise writers of one session across
+processes; the schema is created and upgraded by versioned migrations under an advisory
+lock. Every driver, socket and timeout error leaves as BackendUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import asyncpg
+
+from .. import rules
+from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
+from ..models import (
+    Change,
+    FolderRecord,
+    MessageDraft,
+    MessageRecord,
+    OwnerCount,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
+from ..settings import Settings
+from .base import Engine
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "PostgresEngine",
+    "list_sql",
+    "migrate",
+]
+
+T = TypeVar("T")
+log = logging.getLogger("sessionkeeper")
+
+DEFAULT_SCHEMA = "sessionkeeper"
+# Unquoted-style names only, so a name can never break out of its quotes; PostgreSQL
+# reserves the pg_ prefix and cuts identifiers at 63 bytes.
+_SCHEMA_NAME = re.compile(r"(?!pg_)[A-Za-z_][A-Za-z0-9_]{0,62}", re.ASCII | re.IGNORECASE)
+# Connection options asyncpg reads from a URL; it would send any other one to the server
+# as a setting, so a typo would fail late and obscurely. Ours are schema and durable.
+_DRIVER_OPTIONS = frozenset(
+    {
+        "application_name",
+        "dbname",
+        "database",
+        "gsslib",
+        "host",
+        "krbsrvname",
+        "passfile",
+        "password",
+        "port",
+        "service",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcrl",
+        "sslkey",
+        "sslmode",
+        "sslnegotiation",
+        "sslpassword",
+        "sslrootcert",
+        "target_session_attrs",
+        "user",
+    }
+)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+# Server errors that say the connection itself is gone (classes 08 and 57).
+_CONNECTION_LOST = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+_DEADLOCK_RETRIES = 3
+
+# Statements take the schema's quoted name as {s}. Every text column that is compared or
+# sorted is COLLATE "C": code-point order, as the other engines sort, whatever the
+# database's locale. State and session metadata are jsonb; message content and metadata
+# are text, stored and returned byte for byte (the hot path parses no JSON).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE {s}.sessions (
+            pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            tenant text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            owner text COLLATE "C",
+            folder text COLLATE "C",
+            title text COLLATE "C" NOT NULL,
+            status text COLLATE "C" NOT NULL,
+            step text COLLATE "C",
+            metadata jsonb NOT NULL,
+            version bigint NOT NULL,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            expires_at double precision,
+            idle_ttl double precision,
+            deadline double precision,
+            message_count bigint NOT NULL,
+            last_seq bigint NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            cost double precision NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX sessions_by_id ON {s}.sessions (tenant, id)",
+        "CREATE INDEX sessions_by_created ON {s}.sessions (tenant, created_at, id)",
+        "CREATE INDEX sessions_by_updated ON {s}.sessions (tenant, updated_at, id)",
+        # Owners and folders are indexed with '' for none (the store accepts no empty owner
+        # or folder id): "= ''" fixes the column for the planner where "IS NULL" does not,
+        # so a listing of sessions without one still reads its index in order.
+        "CREATE INDEX sessions_by_owner_created "
+        "ON {s}.sessions (tenant, coalesce(owner, ''), created_at, id)",
+        "CREATE INDEX sessions_by_owner_updated "
+        "ON {s}.sessions (tenant, coalesce(owner, ''), updated_at, id)",
+        "CREATE INDEX sessions_by_folder "
+        "ON {s}.sessions (tenant, coalesce(folder, ''), created_at, id)",
+        "CREATE INDEX sessions_by_status ON {s}.sessions (tenant, status, created_at, id)",
+        "CREATE INDEX sessions_by_expiry ON {s}.sessions (expires_at) WHERE expires_at IS NOT NULL",
+        # State lives apart so that appends and listings never read or rewrite it.
+        "CREATE TABLE {s}.states (session_pk bigint PRIMARY KEY, state jsonb NOT NULL)",
+        """CREATE TABLE {s}.messages (
+            session_pk bigint NOT NULL,
+            seq bigint NOT NULL,
+            role text NOT NULL,
+            content text NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            cost double precision NOT NULL,
+            metadata text NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (session_pk, seq)
+        )""",
+        """CREATE TABLE {s}.folders (
+            tenant text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            owner text COLLATE "C",
+            name text COLLATE "C" NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (tenant, id)
+        )""",
+        "CREATE UNIQUE INDEX folders_by_name ON {s}.folders (tenant, coalesce(owner, ''), name)",
+    ),
+    # A tenant's purge (the store's default) goes straight to that tenant's expired
+    # sessions instead of walking past every other tenant's.
+    2: (
+        "CREATE INDEX sessions_by_tenant_expiry ON {s}.sessions (tenant, expires_at) "
+        "WHERE expires_at IS NOT NULL",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+_LIVE = "(s.expires_at IS NULL OR s.expires_at > {now})"
+# rules.renewed_expiry in SQL. LEAST and GREATEST skip NULLs, so a NULL deadline or
+# expires_at drops out exactly as the rule skips None; callers apply it only where
+# idle_ttl IS NOT NULL, where the rule moves the expiry at all.
+_RENEWED = "LEAST(deadline, GREATEST(expires_at, {now} + idle_ttl))"
+_RECORD = (
+    "s.tenant, s.id, s.owner, s.folder, s.title, s.status, s.step, s.metadata, {state}, "
+    "s.version, s.created_at, s.updated_at, {expires_at}, s.idle_ttl, s.deadline, "
+    "s.message_count, s.last_seq, s.input_tokens, s.output_tokens, s.cost"
+)
+_PLAIN_RECORD = _RECORD.format(state="NULL", expires_at="s.expires_at")
+_MESSAGE = "seq, role, content, input_tokens, output_tokens, cost, metadata, created_at"
+_MESSAGE_ARRAYS = (
+    "$%d::text[], $%d::text[], $%d::bigint[], $%d::bigint[], $%d::float8[], $%d::text[]"
+)
+# The read hooks renew an idle session in the same statement ($1 tenant, $2 id, $3 now).
+# The rest of the statement reads the snapshot from before that UPDATE.
+_RENEW = (
+    "renewed AS (UPDATE {s}.sessions SET expires_at = " + _RENEWED.format(now="$3") + " "
+    "WHERE tenant = $1 AND id = $2 AND idle_ttl IS NOT NULL "
+    "AND (expires_at IS NULL OR expires_at > $3) "
+    "AND expires_at IS DISTINCT FROM " + _RENEWED.format(now="$3") + " "
+    "RETURNING pk, expires_at)"
+)
+_ONE_LIVE = f"s.tenant = $1 AND s.id = $2 AND {_LIVE.format(now='$3')}"
+_MESSAGES_OF_LIVE = (
+    f"WITH {_RENEW}, live AS (SELECT s.pk FROM {{s}}.sessions s WHERE {_ONE_LIVE}) "
+    f"SELECT m.seq, m.role, m.content, m.input_tokens, m.output_tokens, m.cost, m.metadata, "
+    f"m.created_at FROM live LEFT JOIN LATERAL (SELECT {_MESSAGE} FROM {{s}}.messages "
+    "WHERE session_pk = live.pk {range}) m ON true ORDER BY m.seq"
+)
+_FOLDER = (
+    "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, (SELECT count(*) FROM {s}.sessions s "
+    f"WHERE s.tenant = f.tenant AND coalesce(s.folder, '') = f.id AND {_LIVE.format(now='$1')}) "
+    "FROM {s}.folders f"
+)
+_SAVE = (
+    "UPDATE {s}.sessions SET owner = $2, folder = $3, title = $4, status = $5, step = $6, "
+    "metadata = $7, version = $8, updated_at = $9, expires_at = $10, message_count = $11, "
+    "last_seq = $12, input_tokens = $13, output_tokens = $14, cost = $15 WHERE pk = $1"
+)
+
+_STATEMENTS: dict[str, str] = {
+    "insert": (
+        "WITH s AS (INSERT INTO {s}.sessions (tenant, id, owner, folder, title, status, step, "
+        "metadata, version, created_at, updated_at, expires_at, idle_ttl, deadline, "
+        "message_count, last_seq, input_tokens, output_tokens, cost) "
+        "SELECT $1, $2, $3, $4::text, $5, $6, $7::text, $8::jsonb, $9::bigint, $10::float8, "
+        "$11::float8, $12::float8, $13::float8, $14::float8, $15::bigint, $16::bigint, "
+        "$17::bigint, $18::bigint, $19::float8 "
+        # The folder row is share-locked, so it cannot be deleted before this commits.
+        "WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM {s}.folders f WHERE f.tenant = $1 "
+        "AND f.id = $4 AND f.owner IS NOT DISTINCT FROM $3 FOR KEY SHARE) RETURNING pk) "
+        "INSERT INTO {s}.states (session_pk, state) SELECT pk, $20::jsonb FROM s "
+        "RETURNING session_pk"
+    ),
+    "find": "SELECT pk, version, expires_at FROM {s}.sessions WHERE tenant = $1 AND id = $2",
+    "lock_id": "SELECT pk, expires_at FROM {s}.sessions WHERE tenant = $1 AND id = $2 FOR UPDATE",
+    "lock": f"SELECT s.pk, {_PLAIN_RECORD} FROM {{s}}.sessions s WHERE {_ONE_LIVE} FOR UPDATE",
+    "lock_with_state": (
+        f"SELECT s.pk, {_RECORD.format(state='st.state', expires_at='s.expires_at')} "
+        f"FROM {{s}}.sessions s JOIN {{s}}.states st ON st.session_pk = s.pk "
+        # Both rows: a state row read but not locked could be a version older than the
+        # session row the lock waited for.
+        f"WHERE {_ONE_LIVE} FOR UPDATE OF s, st"
+    ),
+    "get": (
+        f"WITH {_RENEW} SELECT "
+        f"{_RECORD.format(state='st.state', expires_at='coalesce(r.expires_at, s.expires_at)')} "
+        "FROM {s}.sessions s JOIN {s}.states st ON st.session_pk = s.pk "
+        f"LEFT JOIN renewed r ON r.pk = s.pk WHERE {_ONE_LIVE}"
+    ),
+    "read_after": _MESSAGES_OF_LIVE.replace("{range}", "AND seq > $4 ORDER BY seq LIMIT $5"),
+    "read_last": _MESSAGES_OF_LIVE.replace("{range}", "ORDER BY seq DESC LIMIT $4"),
+    # One statement per append: the row lock its UPDATE takes orders concurrent appenders,
+    # so each numbers its messages after the last_seq the one before it left.
+    "append": (
+        "WITH s AS (UPDATE {s}.sessions SET version = version + 1, updated_at = $3, "
+        "message_count = message_count + $4, last_seq = last_seq + $4, "
+        "input_tokens = input_tokens + $5, output_tokens = output_tokens + $6, cost = cost + $7, "
+        "expires_at = CASE WHEN idle_ttl IS NULL THEN expires_at "
+        f"ELSE {_RENEWED.format(now='$3')} END "
+        "WHERE tenant = $1 AND id = $2 AND (expires_at IS NULL OR expires_at > $3) "
+        "AND ($8::bigint IS NULL OR version = $8) RETURNING pk, last_seq), "
+        "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+        "output_tokens, cost, metadata, created_at) "
+        "SELECT s.pk, s.last_seq - $4 + d.n, d.role, d.content, d.input_tokens, "
+        "d.output_tokens, d.cost, d.metadata, $3 "
+        f"FROM s, unnest({_MESSAGE_ARRAYS % (9, 10, 11, 12, 13, 14)}) WITH ORDINALITY "
+        "AS d(role, content, input_tokens, output_tokens, cost, metadata, n)) "
+        "SELECT last_seq FROM s"
+    ),
+    "save": _SAVE,
+    "save_state": f"WITH st AS (UPDATE {{s}}.states SET state = $16 WHERE session_pk = $1) {_SAVE}",
+    "save_messages": (
+        "WITH m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+        "output_tokens, cost, metadata, created_at) SELECT $1, d.*, $9 FROM unnest($16::bigint[], "
+        f"{_MESSAGE_ARRAYS % (17, 18, 19, 20, 21, 22)}) AS d) {_SAVE}"
+    ),
+    "save_state_messages": (
+        "WITH st AS (UPDATE {s}.states SET state = $16 WHERE session_pk = $1), "
+        "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+        "output_tokens, cost, metadata, created_at) SELECT $1, d.*, $9 FROM unnest($17::bigint[], "
+        f"{_MESSAGE_ARRAYS % (18, 19, 20, 21, 22, 23)}) AS d) {_SAVE}"
+    ),
+    # Only for rows this transaction has locked: then no append can add a message that
+    # the DELETE's snapshot misses.
+    "drop": (
+        "WITH m AS (DELETE FROM {s}.messages WHERE session_pk = ANY($1::bigint[])), "
+        "st AS (DELETE FROM {s}.states WHERE session_pk = ANY($1::bigint[])) "
+        "DELETE FROM {s}.sessions WHERE pk = ANY($1::bigint[])"
+    ),
+    "pop": (
+        f"DELETE FROM {{s}}.messages WHERE session_pk = $1 AND seq = (SELECT max(seq) "
+        f"FROM {{s}}.messages WHERE session_pk = $1) RETURNING {_MESSAGE}"
+    ),
+    "clear": "DELETE FROM {s}.messages WHERE session_pk = $1",
+    "stats": (
+        "WITH live AS (SELECT s.owner, s.status, s.updated_at, s.message_count, "
+        "s.input_tokens, s.output_tokens, s.cost FROM {s}.sessions s "
+        f"WHERE s.tenant = $1 AND {_LIVE.format(now='$2')}), "
+        "owners AS (SELECT owner, count(*) AS n FROM live GROUP BY owner "
+        "ORDER BY n DESC, coalesce(owner, '') LIMIT $4) "
+        "SELECT count(*), count(*) FILTER (WHERE status = 'active'), "
+        "count(*) FILTER (WHERE status = 'completed'), "
+        "count(*) FILTER (WHERE status = 'archived'), count(*) FILTER (WHERE updated_at >= $3), "
+        "coalesce(sum(message_count), 0)::bigint, coalesce(sum(input_tokens), 0)::bigint, "
+        "coalesce(sum(output_tokens), 0)::bigint, coalesce(sum(cost), 0)::float8, "
+        "(SELECT array_agg(owner ORDER BY n DESC, coalesce(owner, '')) FROM owners), "
+        "(SELECT array_agg(n ORDER BY n DESC, coalesce(owner, '')) FROM owners) FROM live"
+    ),
+    "insert_folder": "INSERT INTO {s}.folders VALUES ($1, $2, $3, $4, $5)",
+    "get_folder": f"{_FOLDER} WHERE f.tenant = $2 AND f.id = $3",
+    "list_folders": f"{_FOLDER} WHERE f.tenant = $2 ORDER BY coalesce(f.owner, ''), f.name",
+    # An owner is never '' (the store refuses it), so '' stands for "no owner" and the
+    # folders_by_name index serves the filter.
+    "list_owner_folders": (
+        f"{_FOLDER} WHERE f.tenant = $2 AND coalesce(f.owner, '') = $3 "
+        "ORDER BY coalesce(f.owner, ''), f.name"
+    ),
+    "rename_folder": (
+        "WITH f AS (UPDATE {s}.folders SET name = $4 WHERE tenant = $2 AND id = $3 "
+        "RETURNING tenant, id, owner, name, created_at) "
+        "SELECT f.*, (SELECT count(*) FROM {s}.sessions s WHERE s.tenant = f.tenant "
+        f"AND coalesce(s.folder, '') = f.id AND {_LIVE.format(now='$1')}) FROM f"
+    ),
+    "check_folder": (
+        "SELECT 1 FROM {s}.folders WHERE tenant = $1 AND id = $2 "
+        "AND owner IS NOT DISTINCT FROM $3 FOR KEY SHARE"
+    ),
+    "delete_folder": "DELETE FROM {s}.folders WHERE tenant = $1 AND id = $2 RETURNING owner",
+    "lock_folder_sessions": (
+        "SELECT pk, expires_at FROM {s}.sessions WHERE tenant = $1 AND coalesce(folder, '') = $2 "
+        "FOR UPDATE"
+    ),
+    "move_folder_sessions": (
+        "WITH u AS (UPDATE {s}.sessions SET folder = $3, version = version + 1, updated_at = $4 "
+        "WHERE tenant = $1 AND coalesce(folder, '') = $2 RETURNING expires_at) "
+        "SELECT count(*) FROM u WHERE expires_at IS NULL OR expires_at > $4"
+    ),
+    # The queue pattern: sessions another purger (or a writer) holds are skipped.
+    "lock_expired": (
+        "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ),
+    "lock_expired_of_tenant": (
+        "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 AND tenant = $3 "
+        "LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ),
+}
+
+# Engines still open in this process; a forked child must not use them, nor close their
+# connections (the parent's sockets) with a goodbye to the server.
+_OPEN_ENGINES: weakref.WeakSet[PostgresEngine] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for engine in list(_OPEN_ENGINES):
+        engine._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _quote(schema: str) -> str:
+    return f'"{schema}"'
+
+
+def _message_arrays(drafts: Sequence[MessageDraft | MessageRecord]) -> list[list[Any]]:
+    return [
+        [d.role for d in drafts],
+        [d.content for d in drafts],
+        [d.input_tokens for d in drafts],
+        [d.output_tokens for d in drafts],
+        [d.cost for d in drafts],
+        [d.metadata for d in drafts],
+    ]
+
+
+def _insert_args(r: SessionRecord) -> tuple[Any, ...]:
+    return (
+        r.tenant,
+        r.id,
+        r.owner,
+        r.folder,
+        r.title,
+        r.status,
+        r.step,
+        r.metadata,
+        r.version,
+        r.created_at,
+        r.updated_at,
+        r.expires_at,
+        r.idle_ttl,
+        r.deadline,
+        r.message_count,
+        r.last_seq,
+        r.input_tokens,
+        r.output_tokens,
+        r.cost,
+        r.state,
+    )
+
+
+def _session(row: asyncpg.Record) -> tuple[int, SessionRecord]:
+    """A ``(pk, record)`` from a row that starts with the pk."""
+    return row[0], SessionRecord(*row[1:])
+
+
+def _unstorable(state: str | None, metadata: str) -> InvalidInput:
+    """The error for JSON that jsonb refuses: a string holding U+0000."""
+    field = "state" if state is not None and "\\u0000" in state else "metadata"
+    return InvalidInput(field, "PostgreSQL (jsonb) cannot store \\u0000 in a string")
+
+
+async def _keep_session_state(conn: object) -> None:
+    """The pool's reset hook: the engine never changes session state (no SET, LISTEN,
+    cursors or session-level locks), so a released connection needs no reset query: one
+    round trip less per call. asyncpg still rolls back a transaction left open."""
+
+
+async def migrate(conn: Connection, schema: str, target: int = SCHEMA_VERSION) -> None:
+    """Create ``schema`` if needed and bring it up to ``target`` in one transaction.
+
+    An advisory lock keyed on the schema makes processes that open it at once take turns.
+    A schema newer than this code knows raises BackendUnavailable. Tests pass an older
+    ``target`` to build the schema of an earlier release.
+    """
+    s = _quote(schema)
+    key = int.from_bytes(hashlib.blake2b(schema.encode(), digest_size=8).digest(), signed=True)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+        if await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema) is None:
+            await conn.execute(f"CREATE SCHEMA {s}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {s}.schema_version "
+            "(version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {s}.schema_version")
+        if current > SCHEMA_VERSION:
+            raise BackendUnavailable(
+                f"postgresql: schema {schema!r} is at version {current}, newer than this "
+                f"sessionkeeper knows ({SCHEMA_VERSION}): upgrade sessionkeeper"
+            )
+        for version in range(current + 1, target + 1):
+            for statement in MIGRATIONS[version]:
+                await conn.execute(statement.format(s=s))
+            await conn.execute(
+                f"INSERT INTO {s}.schema_version VALUES ($1, extract(epoch FROM now()))", version
+            )
+
+
+def _where(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
+    params: list[Any] = [tenant, now]
+    clauses = ["s.tenant = $1", _LIVE.format(now="$2")]
+
+    def add(template: str, value: Any) -> None:
+        params.append(value)
+        clauses.append(template.format(f"${len(params)}"))
+
+    # As indexed: '' stands for none.
+    if query.owner_set:
+        add("coalesce(s.owner, '') = {}", query.owner or "")
+    if query.folder_set:
+        add("coalesce(s.folder, '') = {}", query.folder or "")
+    if query.status is not None:
+        add("s.status = {}", query.status)
+    for column, op, bound in (
+        ("created_at", ">=", query.created_since),
+        ("created_at", "<", query.created_before),
+        ("updated_at", ">=", query.updated_since),
+        ("updated_at", "<", query.updated_before),
+    ):
+        if bound is not None:
+            add(f"s.{column} {op} {{}}", bound)
+    if query.title_contains is not None:
+        # rules.ascii_lower: fold A-Z only, as the other engines do (lower() may fold more).
+        add(
+            "strpos(translate(s.title, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', "
+            "'abcdefghijklmnopqrstuvwxyz'), {}) > 0",
+            query.title_contains,
+        )
+    return " AND ".join(clauses), params
+
+
+def list_sql(schema: str, tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
+    """The SELECT a listing runs (public so tests can check its query plan)."""
+    where, params = _where(tenant, query, now)
+    key = "s.created_at" if query.order_by == "created_at" else "s.updated_at"
+    direction = "DESC" if query.descending else "ASC"
+    if query.after_key is not None:
+        n = len(params)
+        where += f" AND ({key}, s.id) {'<' if query.descending else '>'} (${n + 1}, ${n + 2})"
+        params += [query.after_key, query.after_id]
+    sql = (
+        f"SELECT {_PLAIN_RECORD} FROM {_quote(schema)}.sessions s WHERE {where} "
+        f"ORDER BY {key} {direction}, s.id {direction} LIMIT ${len(params) + 1}"
+    )
+    return sql, [*params, query.limit]
+
+
+def _parse_url(url: str) -> tuple[str, str, bool]:
+    """``(dsn for asyncpg, schema, durable)`` from a store URL."""
+    parts = urlsplit(url)
+    schema, durable = DEFAULT_SCHEMA, False
+    kept: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in seen:
+            raise InvalidInput("url", f"the option {name!r} is given twice")
+        seen.add(name)
+        if name == "schema":
+            if _SCHEMA_NAME.fullmatch(value) is None:
+                raise InvalidInput(
+                    "url",
+                    "schema must be 1-63 letters, digits or _, not start with a digit or "
+                    f"pg_, not {value!r}",
+                )
+            schema = value
+        elif name == "durable":
+            if value not in ("true", "false"):
+                raise InvalidInput("url", f"durable must be true or false, not {value!r}")
+            durable = value == "true"
+        elif name in _DRIVER_OPTIONS:
+            kept.append((name, value))
+        else:
+            raise InvalidInput(
+                "url",
+                f"unknown PostgreSQL URL option {name!r}; sessionkeeper takes schema "
+                "and durable, and asyncpg's connection options (sslmode, ...)",
+            )
+    return parts._replace(query=urlencode(kept)).geturl(), schema, durable
+
+
+class PostgresEngine(Engine):
+    """Sessions in one PostgreSQL schema: safe for many processes and servers at once."""
+
+    __slots__ = (
+        "__weakref__",
+        "_dsn",
+        "_durable",
+        "_forked",
+        "_pool",
+        "_sql",
+        "schema",
+        "settings",
+    )
+    name = "postgresql"
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._dsn, self.schema, self._durable = _parse_url(url)
+        self.settings = settings
+        s = _quote(self.schema)
+        self._sql = {name: sql.replace("{s}", s) for name, sql in _STATEMENTS.items()}
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._forked = False
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    async def _failed(self, exc: BaseException) -> BackendUnavailable:
+        """The error to raise for a driver failure. One that may have broken a connection
+        (a lost socket, a timeout, a terminated backend) expires every pooled connection,
+        since a server restart or a network cut breaks them all: each is replaced by a
+        fresh one when next acquired, so the next call does not meet another dead one."""
+        if self._pool is not None and (
+            not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, _CONNECTION_LOST)
+        ):
+            await self._pool.expire_connections()
+        return self._unavailable(exc)
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self.settings.server_timeout:g} s"
+        else:
+            reason = str(exc) or type(exc).__name__
+        host = urlsplit(self._dsn).netloc.rpartition("@")[2]  # never the password
+        return BackendUnavailable(f"postgresql at {host}: {reason}")
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        timeout = self.settings.server_timeout
+        pool = asyncpg.create_pool(
+            self._dsn,
+            min_size=1,
+            max_size=self.settings.pool_size,
+            timeout=timeout,
+            command_timeout=timeout,
+            reset=_keep_session_state,
+        )
+        try:
+            await pool
+            async with pool.acquire(timeout=timeout) as conn:
+                await migrate(conn, self.schema)
+                if self._durable:
+                    await self._check_durability(conn)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise self._unavailable(exc) from exc
+            raise
+        self._pool = pool
+        _OPEN_ENGINES.add(self)
+
+    async def _check_durability(self, conn: Connection) -> None:
+        """Warn when the server acknowledges commits it may still lose."""
+        [(sync, fsync)] = await conn.fetch(
+            "SELECT current_setting('synchronous_commit'), current_setting('fsync')"
+        )
+        if fsync == "off":
+            log.warning(
+                "postgresql: durable=true but fsync is off: an acknowledged write can be lost, "
+                "and the database corrupted, if the server's machine crashes or loses power"
+            )
+        if sync == "off":
+            log.warning(
+                "postgresql: durable=true but synchronous_commit is off: an acknowledged write "
+                "survives an app crash but the last ones (up to 3 x wal_writer_delay) are lost "
+                "if the PostgreSQL server crashes or its machine loses power"
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        _OPEN_ENGINES.discard(self)
+        if pool is None or self._forked:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.settings.server_timeout)
+        except _DRIVER_ERRORS:  # the server is gone or slow: drop the sockets instead
+            pool.terminate()
+
+    def _usable_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._forked:
+            raise BackendUnavailable(
+                "this PostgreSQL store was opened before fork(); open a new one in the child"
+            )
+        if self._pool is None:
+            raise BackendUnavailable("the PostgreSQL engine is closed")
+        return self._pool
+
+    async def _run(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``job`` on a pooled connection, outside any transaction."""
+        pool = self._usable_pool()
+        try:
+            async with pool.acquire(timeout=self.settings.server_timeout) as conn:
+                return await job(conn)
+        except _DRIVER_ERRORS as exc:
+            raise await self._failed(exc) from exc
+
+    async def _transact(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``job`` in one transaction. A deadlock that PostgreSQL broke by aborting
+        this transaction (two writers locking a session and a folder in opposite orders)
+        left nothing behind, so the job runs again."""
+        pool = self._usable_pool()
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            try:
+                async with (
+                    pool.acquire(timeout=self.settings.server_timeout) as conn,
+                    conn.transaction(),
+                ):
+                    return await job(conn)
+            except asyncpg.DeadlockDetectedError as exc:
+                if attempt == _DEADLOCK_RETRIES:
+                    raise self._unavailable(exc) from exc
+            except _DRIVER_ERRORS as exc:
+                raise await self._failed(exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        pool = self._usable_pool()
+        try:
+            async with pool.acquire(timeout=self.settings.server_timeout) as conn:
+                return await conn.fetch(sql, *args)
+        except _DRIVER_ERRORS as exc:
+            raise await self._failed(exc) from exc
+
+    async def _lock(
+        self,
+        conn: Connection,
+        tenant: str,
+        session_id: str,
+        now: float,
+        expected_version: int | None,
+        with_state: bool = False,
+    ) -> tuple[int, SessionRecord]:
+        """Lock a live session's row for this transaction and check its version."""
+        sql = self._sql["lock_with_state" if with_state else "lock"]
+        row = await conn.fetchrow(sql, tenant, session_id, now)
+        if row is None:
+            raise NotFound(f"no session {session_id!r}")
+        pk, record = _session(row)
+        rules.check_version(record, expected_version)
+        return pk, record
+
+    async def _check_folder(
+        self, conn: Connection, tenant: str, folder_id: str | None, owner: str | None
+    ) -> None:
+        """Raise NotFound unless the folder is one of ``owner``'s; share-lock it until the
+        transaction ends so that it cannot be deleted under the session placed in it."""
+        if folder_id is None:
+            return
+        if await conn.fetchval(self._sql["check_folder"], tenant, folder_id, owner) is None:
+            raise NotFound(f"no folder {folder_id!r} of owner {owner!r}")
+
+    async def _save(
+        self,
+        conn: Connection,
+        pk: int,
+        r: SessionRecord,
+        state: str | None = None,
+        messages: Sequence[MessageRecord] = (),
+    ) -> None:
+        """Write back a session that this transaction locked, and its new state and
+        messages, in one statement."""
+        args: list[Any] = [
+            pk,
+            r.owner,
+            r.folder,
+            r.title,
+            r.status,
+            r.step,
+            r.metadata,
+            r.version,
+            r.updated_at,
+            r.expires_at,
+            r.message_count,
+            r.last_seq,
+            r.input_tokens,
+            r.output_tokens,
+            r.cost,
+        ]
+        name = "save"
+        if state is not None:
+            name += "_state"
+            args.append(state)
+        if messages:
+            name += "_messages"
+            args += [[m.seq for m in messages], *_message_arrays(messages)]
+        try:
+            await conn.execute(self._sql[name], *args)
+        except asyncpg.UntranslatableCharacterError as exc:
+            raise _unstorable(state, r.metadata) from exc
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def insert_session(self, record: SessionRecord, now: float) -> None:
+        args = _insert_args(record)
+        sql = self._sql["insert"]
+
+        async def insert(conn: Connection) -> bool:
+            """Insert the session; False if its folder is not a folder of its owner."""
+            try:
+                return await conn.fetchval(sql, *args) is not None
+            except asyncpg.UntranslatableCharacterError as exc:
+                raise _unstorable(record.state, record.metadata) from exc
+
+        async def first_try(conn: Connection) -> bool | None:
+            """As ``insert``, or None if the id is taken."""
+            try:
+                return await insert(conn)
+            except asyncpg.UniqueViolationError:
+                return None
+
+        async def replace(conn: Connection) -> bool:
+            """The id is taken: by a live session (AlreadyExists) or by an expired one,
+            which goes with its messages."""
+            row = await conn.fetchrow(self._sql["lock_id"], record.tenant, record.id)
+            if row is not None:
+                if not rules.is_expired(row[1], now):
+                    raise AlreadyExists(f"session {record.id!r} already exists")
+                await conn.execute(self._sql["drop"], [row[0]])
+            try:
+                return await insert(conn)
+            except asyncpg.UniqueViolationError as exc:  # created meanwhile by another
+                raise AlreadyExists(f"session {record.id!r} already exists") from exc
+
+        inserted = await self._run(first_try)
+        if inserted is None:
+            inserted = await self._transact(replace)
+        if not inserted:
+            # The folder is not the owner's; but a live session with the id comes first.
+            found = await self._fetch(self._sql["find"], record.tenant, record.id)
+            if found and not rules.is_expired(found[0][2], now):
+                raise AlreadyExists(f"session {record.id!r} already exists")
+            raise NotFound(f"no folder {record.folder!r} of owner {record.owner!r}")
+
+    async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        rows = await self._fetch(self._sql["get"], tenant, session_id, now)
+        return SessionRecord(*rows[0]) if rows else None
+
+    async def delete_session(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> None:
+        async def job(conn: Connection) -> None:
+            pk, _ = await self._lock(conn, tenant, session_id, now, expected_version)
+            await conn.execute(self._sql["drop"], [pk])
+
+        await self._transact(job)
+
+    async def change_session(
+        self, tenant: str, session_id: str, change: Change, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        with_state = change.want_state or change.has_state_patch
+
+        async def job(conn: Connection) -> tuple[SessionRecord, list[MessageRecord]]:
+            pk, current = await self._lock(conn, tenant, session_id, now, None, with_state)
+            new, appended = rules.apply_change(current, change, now)
+            # A folder stays valid while neither it nor the owner changes (folders never
+            # change owner); checking it anyway would lock it after the session, the
+            # opposite order to delete_folder's.
+            if new.folder != current.folder or new.owner != current.owner:
+                await self._check_folder(conn, tenant, new.folder, new.owner)
+            state = new.state if new.state is not current.state else None
+            await self._save(conn, pk, new, state, appended)
+            return new, appended
+
+        return await self._transact(job)
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageDraft],
+        now: float,
+        expected_version: int | None,
+    ) -> list[MessageRecord]:
+        count = len(messages)
+        tokens_in = tokens_out = 0
+        cost = 0.0
+        for draft in messages:
+            tokens_in += draft.input_tokens
+            tokens_out += draft.output_tokens
+            cost += draft.cost
+        args = (
+            tenant,
+            session_id,
+            now,
+            count,
+            tokens_in,
+            tokens_out,
+            cost,
+            expected_version,
+            *_message_arrays(messages),
+        )
+        sql, find = self._sql["append"], self._sql["find"]
+
+        async def job(conn: Connection) -> int:
+            while True:
+                last_seq: int | None = await conn.fetchval(sql, *args)
+                if last_seq is not None:
+                    return last_seq
+                # Nothing was written: say why. A session that is live and at the
+                # expected version now was absent or elsewhere a moment ago: try again.
+                row = await conn.fetchrow(find, tenant, session_id)
+                if row is None or rules.is_expired(row[2], now):
+                    raise NotFound(f"no session {session_id!r}")
+                if expected_version is not None and row[1] != expected_version:
+                    raise VersionConflict(session_id, expected_version, row[1])
+
+        last_seq = await self._run(job)
+        return rules.number_messages(session_id, last_seq - count, messages, now)
+
+    async def _messages(self, sql: str, session_id: str, *args: Any) -> list[MessageRecord] | None:
+        rows = await self._fetch(sql, *args)
+        if not rows:
+            return None
+        if rows[0][0] is None:  # the session has no messages (in range)
+            return []
+        return [MessageRecord(session_id, *row) for row in rows]
+
+    async def read_messages(
+        self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
+    ) -> list[MessageRecord] | None:
+        sql = self._sql["read_after"]
+        return await self._messages(sql, session_id, tenant, session_id, now, after_seq, limit)
+
+    async def last_messages(
+        self, tenant: str, session_id: str, now: float, limit: int
+    ) -> list[MessageRecord] | None:
+        sql = self._sql["read_last"]
+        return await self._messages(sql, session_id, tenant, session_id, now, limit)
+
+    async def pop_message(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, MessageRecord | None]:
+        async def job(conn: Connection) -> tuple[SessionRecord, MessageRecord | None]:
+            pk, current = await self._lock(conn, tenant, session_id, now, expected_version)
+            row = await conn.fetchrow(self._sql["pop"], pk)
+            if row is None:
+                return current, None
+            popped = MessageRecord(session_id, *row)
+            new = rules.remove_messages(
+                current, 1, popped.input_tokens, popped.output_tokens, popped.cost, now
+            )
+            await self._save(conn, pk, new)
+            return new, popped
+
+        return await self._transact(job)
+
+    async def clear_messages(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, int]:
+        async def job(conn: Connection) -> tuple[SessionRecord, int]:
+            pk, current = await self._lock(conn, tenant, session_id, now, expected_version)
+            status = await conn.execute(self._sql["clear"], pk)
+            removed = int(status.rpartition(" ")[2])
+            new = rules.remove_messages(
+                current, removed, current.input_tokens, current.output_tokens, current.cost, now
+            )
+            await self._save(conn, pk, new)
+            return new, removed
+
+        return await self._transact(job)
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def list_sessions(
+        self, tenant: str, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        sql, params = list_sql(self.schema, tenant, query, now)
+        return [SessionRecord(*row) for row in await self._fetch(sql, *params)]
+
+    async def count_sessions(self, tenant: str, query: SessionQuery, now: float) -> int:
+        where, params = _where(tenant, query, now)
+        sql = f"SELECT count(*) FROM {_quote(self.schema)}.sessions s WHERE {where}"
+        rows = await self._fetch(sql, *params)
+        count: int = rows[0][0]
+        return count
+
+    async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
+        # One statement, so every figure comes from one snapshot.
+        [row] = await self._fetch(self._sql["stats"], tenant, now, since, top)
+        total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost = row[:9]
+        owners, counts = row[9] or [], row[10] or []
+        return Stats(
+            total=total,
+            active=active,
+            completed=completed,
+            archived=archived,
+            active_last_24h=recent,
+            completion_rate=completed / total if total else 0.0,
+            messages=messages,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost=cost,
+            top_owners=[
+                OwnerCount(owner=o, sessions=n) for o, n in zip(owners, counts, strict=True)
+            ],
+        )
+
+    # --- folders -----------------------------------------------------------------------
+
+    async def insert_folder(self, record: FolderRecord) -> None:
+        r = record
+
+        async def job(conn: Connection) -> None:
+            try:
+                await conn.execute(
+                    self._sql["insert_folder"], r.tenant, r.id, r.owner, r.name, r.created_at
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "folders_pkey":
+                    raise AlreadyExists(f"folder {r.id!r} already exists") from exc
+                raise AlreadyExists(f"owner {r.owner!r} already has a folder {r.name!r}") from exc
+
+        await self._run(job)
+
+    async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
+        rows = await self._fetch(self._sql["get_folder"], now, tenant, folder_id)
+        return FolderRecord(*rows[0]) if rows else None
+
+    async def rename_folder(
+        self, tenant: str, folder_id: str, name: str, now: float
+    ) -> FolderRecord:
+        async def job(conn: Connection) -> asyncpg.Record | None:
+            try:
+                return await conn.fetchrow(self._sql["rename_folder"], now, tenant, folder_id, name)
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(
+                    f"the owner of folder {folder_id!r} already has a folder {name!r}"
+                ) from exc
+
+        row = await self._run(job)
+        if row is None:
+            raise NotFound(f"no folder {folder_id!r}")
+        return FolderRecord(*row)
+
+    async def list_folders(
+        self, tenant: str, owner: str | None, owner_set: bool, now: float
+    ) -> list[FolderRecord]:
+        if owner_set:
+            rows = await self._fetch(self._sql["list_owner_folders"], now, tenant, owner or "")
+        else:
+            rows = await self._fetch(self._sql["list_folders"], now, tenant)
+        return [FolderRecord(*row) for row in rows]
+
+    async def delete_folder(
+        self,
+        tenant: str,
+        folder_id: str,
+        now: float,
+        reassign_to: str | None,
+        cascade: bool,
+    ) -> int:
+        async def job(conn: Connection) -> int:
+            # The folder's row lock comes first: a session being placed in it share-locks
+            # it, so by the next statement every session in it is visible.
+            deleted = await conn.fetchrow(self._sql["delete_folder"], tenant, folder_id)
+            if deleted is None:
+                raise NotFound(f"no folder {folder_id!r}")
+            if reassign_to is not None:
+                await self._check_folder(conn, tenant, reassign_to, deleted[0])
+            if not cascade:
+                moved: int = await conn.fetchval(
+                    self._sql["move_folder_sessions"], tenant, folder_id, reassign_to, now
+                )
+                return moved
+            rows = await conn.fetch(self._sql["lock_folder_sessions"], tenant, folder_id)
+            await conn.execute(self._sql["drop"], [row[0] for row in rows])
+            return sum(1 for row in rows if not rules.is_expired(row[1], now))
+
+        return await self._transact(job)
+
+    # --- expiry ------------------------------------------------------------------------
+
+    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        async def job(conn: Connection) -> int:
+            if tenant is None:
+                rows = await conn.fetch(self._sql["lock_expired"], now, limit)
+            else:
+                rows = await conn.fetch(self._sql["lock_expired_of_tenant"], now, limit, tenant)
+            if rows:
+                await conn.execute(self._sql["drop"], [row[0] for row in rows])
+            return len(rows)
+
+        return await self._transact(job)

@@ -1,0 +1,539 @@
+"""PostgreSQL-only facts: plans on indexes, migrations, URL options, durability warnings,
+row locks under concurrency, and failing fast (then recovering) when the server is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sessionkeeper import (
+    AlreadyExists,
+    BackendUnavailable,
+    FrozenClock,
+    InvalidInput,
+    SessionStore,
+    Settings,
+    open_store,
+)
+from sessionkeeper.engines.postgres import (
+    DEFAULT_SCHEMA,
+    SCHEMA_VERSION,
+    PostgresEngine,
+    list_sql,
+    migrate,
+)
+from sessionkeeper.engines.urls import engine_from_url
+from sessionkeeper.models import SessionQuery
+from tests.contract.namespaces import drop_namespace
+
+pytestmark = pytest.mark.server
+
+SERVER = "postgresql://127.0.0.1:5432/test"
+
+
+def fresh_schema() -> str:
+    return f"sk_t_{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = fresh_schema()
+    yield name
+    drop_namespace(f"{SERVER}?schema={name}")
+
+
+@pytest.fixture
+def url(schema: str) -> str:
+    return f"{SERVER}?schema={schema}"
+
+
+def store_at(url: str, clock: FrozenClock | None = None, **settings: Any) -> SessionStore:
+    return open_store(url, settings=Settings(url=url, **settings), clock=clock)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
+    """A plain connection of the test's own, beside the store's pool."""
+    conn = await asyncpg.connect(SERVER)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def wait_for_lock_wait(raw: asyncpg.Connection[asyncpg.Record], app: str) -> None:
+    """Until a backend of the store named ``app`` is waiting for a lock."""
+    for _ in range(500):
+        waiting = await raw.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            app,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the store never waited for the lock")
+
+
+# --- query plans -----------------------------------------------------------------------
+
+QUERIES = {
+    "all by created": (SessionQuery(), "sessions_by_created"),
+    "all by created, oldest first": (SessionQuery(descending=False), "sessions_by_created"),
+    "all by updated": (SessionQuery(order_by="updated_at"), "sessions_by_updated"),
+    "owner": (SessionQuery(owner="o1", owner_set=True), "sessions_by_owner_created"),
+    "owner by updated, after a cursor": (
+        SessionQuery(
+            owner="o1", owner_set=True, order_by="updated_at", after_key=1e12, after_id="x"
+        ),
+        "sessions_by_owner_updated",
+    ),
+    "no owner": (SessionQuery(owner=None, owner_set=True), "sessions_by_owner_created"),
+    "folder": (SessionQuery(folder="f", folder_set=True), "sessions_by_folder"),
+    "no folder, oldest first": (
+        SessionQuery(folder=None, folder_set=True, descending=False),
+        "sessions_by_folder",
+    ),
+    "status": (SessionQuery(status="completed"), "sessions_by_status"),
+    "created range and title": (
+        SessionQuery(created_since=1.0, title_contains="x"),
+        "sessions_by_created",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def filled() -> Iterator[str]:
+    """A schema with 200 sessions of 6 owners and none, analysed."""
+    name = fresh_schema()
+    url = f"{SERVER}?schema={name}"
+
+    async def fill() -> None:
+        async with store_at(url) as store:
+            for i in range(200):
+                await store.create_session(owner=f"o{i % 7}" if i % 7 else None, title=f"t{i}")
+        conn = await asyncpg.connect(SERVER)
+        await conn.execute(f'ANALYZE "{name}".sessions')
+        await conn.close()
+
+    asyncio.run(fill())
+    yield name
+    drop_namespace(url)
+
+
+async def plan_of(sql: str, params: list[Any]) -> str:
+    """The plan PostgreSQL picks when any index at all beats a scan and a sort."""
+    conn = await asyncpg.connect(SERVER)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
+            rows = await conn.fetch(f"EXPLAIN {sql}", *params)
+    finally:
+        await conn.close()
+    return "\n".join(row[0] for row in rows)
+
+
+@pytest.mark.parametrize("name", list(QUERIES))
+def test_listing_runs_on_its_index_without_a_sort(filled: str, name: str) -> None:
+    query, index = QUERIES[name]
+    sql, params = list_sql(filled, "default", query, 0.0)
+    plan = asyncio.run(plan_of(sql, params))
+    assert f"Index Scan Backward using {index} " in plan or f"Index Scan using {index} " in plan, (
+        plan
+    )
+    assert "Sort" not in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+def test_listing_reads_neither_state_nor_messages() -> None:
+    sql, _ = list_sql("x", "default", SessionQuery(), 0.0)
+    assert "states" not in sql
+    assert "messages" not in sql
+
+
+async def test_text_columns_sort_by_code_point(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Every compared or sorted text column is COLLATE "C", whatever the database locale,
+    so ties and folder names order as on the other engines."""
+    async with store_at(url):
+        pass
+    other = await raw.fetch(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = $1 AND table_name IN ('sessions', 'folders') "
+        "AND data_type = 'text' AND collation_name IS DISTINCT FROM 'C'",
+        schema,
+    )
+    assert other == []
+
+
+async def test_title_search_folds_ascii_letters_only(url: str) -> None:
+    async with store_at(url) as store:
+        await store.create_session(title="ÉCOLE Trip")
+        assert await store.count_sessions(title_contains="trip") == 1
+        assert await store.count_sessions(title_contains="École") == 1
+        assert await store.count_sessions(title_contains="école") == 0
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+async def versions(raw: asyncpg.Connection[asyncpg.Record], schema: str) -> list[int]:
+    rows = await raw.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY version')
+    return [row[0] for row in rows]
+
+
+async def test_schema_is_versioned_and_created_once(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    for _ in range(2):
+        async with store_at(url) as store:
+            await store.create_session()
+    assert await versions(raw, schema) == list(range(1, SCHEMA_VERSION + 1))
+    async with store_at(url) as store:
+        assert await store.count_sessions() == 2
+
+
+async def test_first_opens_from_many_connections_at_once_take_turns(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    stores = [store_at(url) for _ in range(8)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        await asyncio.gather(*(store.create_session() for store in stores))
+        assert await stores[0].count_sessions() == 8
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    assert await versions(raw, schema) == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_a_newer_schema_is_refused_with_the_fix(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with store_at(url):
+        pass
+    await raw.execute(f'INSERT INTO "{schema}".schema_version VALUES ($1, 0)', SCHEMA_VERSION + 1)
+    with pytest.raises(BackendUnavailable, match="upgrade sessionkeeper"):
+        async with store_at(url):
+            pass
+
+
+async def test_an_older_schema_is_upgraded_in_place_with_its_data(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A database made by the first release, with data it wrote, opened by this one."""
+    async with asyncpg.create_pool(SERVER, min_size=1, max_size=1) as pool, pool.acquire() as conn:
+        await migrate(conn, schema, target=1)
+    s = f'"{schema}"'
+    await raw.execute(f"INSERT INTO {s}.folders VALUES ('default', 'f1', 'ann', 'Work', 10)")
+    pk = await raw.fetchval(
+        f"INSERT INTO {s}.sessions (tenant, id, owner, folder, title, status, step, metadata, "
+        "version, created_at, updated_at, expires_at, idle_ttl, deadline, message_count, "
+        "last_seq, input_tokens, output_tokens, cost) VALUES ('default', 'old', 'ann', 'f1', "
+        "'Before', 'active', NULL, '{\"k\": 1}', 3, 10, 20, NULL, NULL, NULL, 2, 2, 5, 7, 0.5) "
+        "RETURNING pk"
+    )
+    await raw.execute(f"INSERT INTO {s}.states VALUES ($1, '{{\"draft\": [1, 2]}}')", pk)
+    await raw.execute(
+        f"INSERT INTO {s}.messages VALUES ($1, 1, 'user', '\"hi\"', 5, 0, 0.5, '{{}}', 15), "
+        "($1, 2, 'assistant', '{\"text\": \"yo\"}', 0, 7, 0, '{}', 20)",
+        pk,
+    )
+    assert await versions(raw, schema) == [1]
+
+    async with store_at(url, FrozenClock(100.0)) as store:
+        old = await store.get_session("old")
+        assert (old.state, old.metadata, old.version, old.folder) == (
+            {"draft": [1, 2]},
+            {"k": 1},
+            3,
+            "f1",
+        )
+        assert [m.content for m in await store.read_messages("old")] == ["hi", {"text": "yo"}]
+        assert (await store.append_message("old", "user", "after")).seq == 3
+        await store.update_state("old", {"draft": None, "done": True}, expected_version=4)
+        assert [s.id for s in (await store.list_sessions(folder="f1")).items] == ["old"]
+        assert (await store.get_folder("f1")).session_count == 1
+    assert await versions(raw, schema) == list(range(1, SCHEMA_VERSION + 1))
+    indexes = await raw.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
+    assert "sessions_by_tenant_expiry" in {row[0] for row in indexes}
+
+
+# --- URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("schema=x&colour=blue", "'colour'"),
+        ("schema=pg_catalog", "schema"),
+        ("schema=1abc", "schema"),
+        ('schema=a"b', "schema"),
+        ("schema=a-b", "schema"),
+        (f"schema={'x' * 64}", "schema"),
+        ("schema=a&schema=b", "twice"),
+        ("durable=yes", "durable"),
+    ],
+)
+def test_bad_url_options_name_the_option(query: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as caught:
+        open_store(f"{SERVER}?{query}")
+    assert caught.value.field == "url"
+
+
+def test_both_schemes_and_the_default_schema() -> None:
+    for scheme in ("postgresql", "postgres"):
+        engine = engine_from_url(f"{scheme}://127.0.0.1:5432/test", Settings())
+        assert isinstance(engine, PostgresEngine)
+        assert engine.schema == DEFAULT_SCHEMA
+
+
+async def test_driver_options_reach_the_driver(
+    schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    url = f"{SERVER}?schema={schema}&sslmode=disable&application_name={schema}"
+    async with store_at(url) as store:
+        await store.create_session()
+        names = await raw.fetch(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = $1", schema
+        )
+        assert names
+
+
+# --- durability ------------------------------------------------------------------------
+
+
+async def test_durable_is_quiet_when_commits_are_flushed(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sessionkeeper"):
+        async with store_at(f"{url}&durable=true"):
+            pass
+    assert caplog.records == []
+
+
+async def test_durable_warns_what_an_acknowledged_write_does_not_survive(
+    raw: asyncpg.Connection[asyncpg.Record], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role whose sessions commit asynchronously (synchronous_commit = off)."""
+    role = fresh_schema()
+    await raw.execute(f'CREATE ROLE "{role}" LOGIN')
+    await raw.execute(f'ALTER ROLE "{role}" SET synchronous_commit = off')
+    await raw.execute(f'GRANT CREATE ON DATABASE test TO "{role}"')
+    try:
+        url = f"postgresql://{role}@127.0.0.1:5432/test?schema={role}&durable=true"
+        with caplog.at_level(logging.WARNING, logger="sessionkeeper"):
+            async with store_at(url) as store:
+                await store.create_session()
+        [record] = caplog.records
+        assert "synchronous_commit is off" in record.message
+        assert "server crashes or its machine loses power" in record.message
+    finally:
+        await raw.execute(f'DROP SCHEMA IF EXISTS "{role}" CASCADE')
+        await raw.execute(f'REVOKE CREATE ON DATABASE test FROM "{role}"')
+        await raw.execute(f'DROP ROLE "{role}"')
+
+
+# --- JSON ------------------------------------------------------------------------------
+
+
+async def test_json_that_jsonb_cannot_hold_is_invalid_input(url: str) -> None:
+    async with store_at(url) as store:
+        with pytest.raises(InvalidInput, match="u0000") as caught:
+            await store.create_session(session_id="nul", state={"a": "x\x00y"})
+        assert caught.value.field == "state"
+        session = await store.create_session(session_id="ok")
+        with pytest.raises(InvalidInput) as caught:
+            await store.update_session(session.id, metadata={"a": "\x00"})
+        assert caught.value.field == "metadata"
+        assert (await store.get_session("ok")).version == 1
+        assert await store.count_sessions() == 1
+        message = await store.append_message("ok", "user", {"text": "\x00 is fine here"})
+        assert (await store.read_messages("ok"))[0] == message
+
+
+# --- row locks under concurrency -------------------------------------------------------
+
+
+async def test_one_of_many_creates_of_one_id_wins(url: str) -> None:
+    clock = FrozenClock()
+    async with store_at(url, clock) as store:
+        for ttl in (1, None):  # a free id, then one whose session has just expired
+            outcomes = await asyncio.gather(
+                *(store.create_session(session_id="same", ttl=ttl) for _ in range(8)),
+                return_exceptions=True,
+            )
+            assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+            assert all(isinstance(o, AlreadyExists) for o in outcomes if isinstance(o, Exception))
+            clock.advance(1)
+        assert await store.count_sessions() == 1
+
+
+async def test_concurrent_patches_without_versions_all_land(url: str) -> None:
+    """The state row is locked with the session's, so no patch merges into a stale state."""
+    async with store_at(url) as store:
+        session = await store.create_session()
+
+        async def patch(writer: int) -> None:
+            for i in range(20):
+                await store.update_state(session.id, {f"w{writer}": {str(i): i}})
+
+        await asyncio.gather(*(patch(w) for w in range(8)))
+        final = await store.get_session(session.id)
+    assert final.state == {f"w{w}": {str(i): i for i in range(20)} for w in range(8)}
+    assert final.version == 1 + 8 * 20
+
+
+async def test_a_deadlock_victim_runs_again(
+    schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """The store deletes folder A into B while another transaction deletes B and then
+    wants A: PostgreSQL aborts the store's transaction, which then runs again and lands."""
+    url = f"{SERVER}?schema={schema}&application_name={schema}"
+    async with store_at(url) as store:
+        a = await store.create_folder("A", owner="ann")
+        b = await store.create_folder("B", owner="ann")
+        session = await store.create_session(owner="ann", folder=a.id)
+        await raw.execute("SET deadlock_timeout = '10s'")  # so the store is the victim
+        other = raw.transaction()
+        await other.start()
+        await raw.execute(f'DELETE FROM "{schema}".folders WHERE id = $1', b.id)
+        deleting = asyncio.ensure_future(store.delete_folder(a.id, reassign_to=b.id))
+        await wait_for_lock_wait(raw, schema)
+        # Waits for the store's lock on A until PostgreSQL aborts the store's transaction.
+        await raw.execute(f'SELECT 1 FROM "{schema}".folders WHERE id = $1 FOR KEY SHARE', a.id)
+        await other.rollback()  # B is back
+        assert await deleting == 1
+        assert (await store.get_session(session.id)).folder == b.id
+
+
+async def test_purge_skips_sessions_another_transaction_holds(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    clock = FrozenClock()
+    async with store_at(url, clock) as store:
+        for i in range(3):
+            await store.create_session(session_id=f"e{i}", ttl=1)
+        clock.advance(1)
+        async with raw.transaction():
+            await raw.execute(f"SELECT 1 FROM \"{schema}\".sessions WHERE id = 'e1' FOR UPDATE")
+            started = time.perf_counter()
+            assert await store.purge_expired() == 2
+            assert time.perf_counter() - started < 1
+        assert await store.purge_expired() == 1
+
+
+# --- a server that is gone, or does not answer -----------------------------------------
+
+
+async def test_an_unreachable_server_fails_at_open_quickly() -> None:
+    started = time.perf_counter()
+    with pytest.raises(BackendUnavailable, match=re.escape("at 127.0.0.1:1:")):
+        async with store_at("postgresql://127.0.0.1:1/test?schema=x", server_timeout=1.0):
+            pass
+    assert time.perf_counter() - started < 1.5
+
+
+async def test_a_server_that_never_answers_fails_within_the_timeout() -> None:
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # accept, then say nothing
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        started = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match=re.escape("no answer within 0.5 s")):
+            async with store_at(f"postgresql://127.0.0.1:{port}/test", server_timeout=0.5):
+                pass
+        assert time.perf_counter() - started < 1.5
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_call_that_waits_too_long_fails_and_changes_nothing(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with store_at(url, server_timeout=0.5) as store:
+        session = await store.create_session()
+        await store.append_message(session.id, "user", "one")
+        async with raw.transaction():  # holds the session's row lock
+            await raw.execute(f'SELECT 1 FROM "{schema}".sessions FOR UPDATE')
+            started = time.perf_counter()
+            with pytest.raises(BackendUnavailable, match=re.escape("no answer within 0.5 s")):
+                await store.append_message(session.id, "user", "stuck")
+            assert time.perf_counter() - started < 1.5
+        assert (await store.append_message(session.id, "user", "two")).seq == 2
+        assert [m.content for m in await store.read_messages(session.id)] == ["one", "two"]
+
+
+async def terminate(raw: asyncpg.Connection[asyncpg.Record], app: str) -> int:
+    killed: int = await raw.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+        app,
+    )
+    return killed
+
+
+async def test_the_pool_recovers_from_terminated_backends(
+    schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """After pg_terminate_backend on every connection of the store, the next call either
+    works on a fresh connection or raises BackendUnavailable; the one after works."""
+    url = f"{SERVER}?schema={schema}&application_name={schema}"
+    async with store_at(url) as store:
+        session = await store.create_session()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.append_message(session.id, "user", "x"),
+            lambda: store.get_session(session.id),
+            lambda: store.last_messages(session.id),
+            lambda: store.update_state(session.id, {"n": 1}),
+            lambda: store.count_sessions(),
+        ]
+        for call in calls:
+            # several connections open, then every one of them killed
+            await asyncio.gather(*(store.get_session(session.id) for _ in range(4)))
+            assert await terminate(raw, schema) >= 1
+            with contextlib.suppress(BackendUnavailable):
+                await call()
+            await call()
+        messages = await store.read_messages(session.id)
+    assert [m.seq for m in messages] == list(range(1, len(messages) + 1))
+
+
+# --- fork ------------------------------------------------------------------------------
+
+
+def _use_after_fork(store: SessionStore, queue: multiprocessing.Queue[str]) -> None:
+    try:
+        asyncio.run(store.count_sessions())
+    except BackendUnavailable as exc:
+        queue.put(str(exc))
+    else:
+        queue.put("used the parent's store")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_a_store_is_never_reused_across_fork(url: str) -> None:
+    context = multiprocessing.get_context("fork")
+    async with store_at(url) as store:
+        queue: multiprocessing.Queue[str] = context.Queue()
+        child = context.Process(target=_use_after_fork, args=(store, queue))
+        child.start()
+        child.join(30)
+        assert "before fork" in queue.get(timeout=5)
+        assert await store.count_sessions() == 0  # the parent's connections still work
