@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +47,8 @@ LAST_N = 10
 MAX_MESSAGES = 1000  # one read_messages call (max_page_size) must return a whole history
 
 # (name, engine, what, operator, threshold): ratios are sessionkeeper / raw sqlite3.
-TARGETS = (
+TargetRule = tuple[str, str, str, str, float]
+TARGETS: tuple[TargetRule, ...] = (
     ("sqlite appends vs raw", "sqlite", "append_ratio", ">=", 2.0),
     ("sqlite last-10 reads vs raw", "sqlite", "last_ratio", ">=", 0.8),
     ("memory appends per second", "memory", "append", ">=", 100_000.0),
@@ -308,10 +309,15 @@ def _content(session_id: str, seq: int) -> str:
 
 
 async def _measure(
-    engine: str, target: Target, sessions: int, messages: int, concurrency: int, rounds: int
+    engine: str,
+    target: Target,
+    sessions: int,
+    messages: int,
+    concurrency: int,
+    rounds: int,
+    label: str,
 ) -> EngineRun:
     run = EngineRun(engine, sessions)
-    label = LABELS[engine]
     ids = [f"bench-{i:07d}" for i in range(sessions)]
     limit = max(100, messages)
     last_n = min(LAST_N, messages)
@@ -363,11 +369,34 @@ def _done(run: EngineRun, phase: str, label: str) -> None:
     )
 
 
+def measure_target(
+    engine: str,
+    target: Target,
+    sessions: int,
+    messages: int,
+    concurrency: int,
+    rounds: int,
+    label: str | None = None,
+) -> EngineRun:
+    """The workload through one unopened target, on a fresh event loop that opens and
+    closes it; ``label`` (default ``LABELS[engine]``) names it in progress lines."""
+    gc.collect()
+    # "before" and "closed" are taken outside the event loop, so they compare like with
+    # like: neither counts the loop's own descriptors or its default executor's threads.
+    before = resources("before")
+    work = _measure(
+        engine, target, sessions, messages, concurrency, rounds, label or LABELS[engine]
+    )
+    run = asyncio.run(work)
+    run.resources.insert(0, before)
+    run.resources.append(resources("closed"))
+    return run
+
+
 def measure(
     engine: str, folder: Path, sessions: int, messages: int, concurrency: int, rounds: int
 ) -> EngineRun:
     """One engine at one scale, on a fresh event loop and (for files) a fresh database."""
-    gc.collect()
     path = folder / f"{engine}-{sessions}.db"
     target: Target
     if engine == "raw":
@@ -376,14 +405,8 @@ def measure(
         target = StoreTarget(f"sqlite:///{path}")
     else:
         target = StoreTarget("memory://")
-    # "before" and "closed" are taken outside the event loop, so they compare like with
-    # like: neither counts the loop's own descriptors or its default executor's threads.
-    before = resources("before")
     try:
-        run = asyncio.run(_measure(engine, target, sessions, messages, concurrency, rounds))
-        run.resources.insert(0, before)
-        run.resources.append(resources("closed"))
-        return run
+        return measure_target(engine, target, sessions, messages, concurrency, rounds)
     finally:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -402,9 +425,11 @@ def best(runs: Sequence[EngineRun]) -> EngineRun:
     return EngineRun(runs[0].engine, runs[0].sessions, phases, runs[-1].resources)
 
 
-def figures(run: EngineRun, raw: EngineRun | None) -> dict[str, float | None]:
+def figures(run: EngineRun, raw: EngineRun | None, creates: bool) -> dict[str, float | None]:
+    """Rates, CPU per op and ratios against ``raw``; the create rate only if ``creates``
+    (a baseline that keeps no session rows does nothing there)."""
     out: dict[str, float | None] = {
-        "create": run.phases["create"].per_second if run.engine != "raw" else None,
+        "create": run.phases["create"].per_second if creates else None,
         "append": run.phases["append"].per_second,
         "full": run.phases["full"].per_second,
         "last": run.phases["last"].per_second,
@@ -418,9 +443,11 @@ def figures(run: EngineRun, raw: EngineRun | None) -> dict[str, float | None]:
     return out
 
 
-def check_targets(by_engine: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
+def check_targets(
+    by_engine: dict[str, dict[str, float | None]], targets: Sequence[TargetRule] = TARGETS
+) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
-    for name, engine, what, op, threshold in TARGETS:
+    for name, engine, what, op, threshold in targets:
         value = by_engine.get(engine, {}).get(what)
         met = None if value is None else value >= threshold
         checks.append(
@@ -482,55 +509,74 @@ def render(report: dict[str, Any], runs: dict[int, dict[str, EngineRun]]) -> str
             f"== {n} sessions: {n * config['messages']:,} appends, {reads:,} full reads "
             f"(limit {max(100, config['messages'])}), {reads:,} last-{LAST_N} reads"
         )
-        lines.append(
-            f"{'':<12} {'operations per second':^34}   {'ratio vs raw sqlite3':^23}   "
-            f"{'CPU us per op':^20}"
-        )
-        lines.append(
-            f"{'engine':<12} {'append':>10} {'full-read':>12} {'last-10':>10}   "
-            f"{'append':>7} {'full':>7} {'last-10':>7}   "
-            f"{'append':>6} {'full':>6} {'last':>6}   {'create/s':>9}"
-        )
-        for engine, f in scale["engines"].items():
-            lines.append(
-                f"{LABELS[engine]:<12} {_rate(f['append']):>10} {_rate(f['full']):>12} "
-                f"{_rate(f['last']):>10}   {_ratio(f['append_ratio']):>7} "
-                f"{_ratio(f['full_ratio']):>7} {_ratio(f['last_ratio']):>7}   "
-                f"{f['append_cpu_us']:>6.1f} {f['full_cpu_us']:>6.1f} {f['last_cpu_us']:>6.1f}   "
-                f"{_rate(f['create']):>9}"
-            )
-        lines.append("targets:")
-        for check in scale["targets"]:
-            lines.append(
-                f"  {check['target']:<30} {_value(check):>12}  target {check['op']} "
-                f"{_threshold(check):<10} {_verdict(check['met'])}"
-            )
+        lines += table_lines(scale["engines"], LABELS, "ratio vs raw sqlite3")
+        lines += target_lines(scale["targets"])
     lines.append("")
-    lines.append(
-        "resources: before | append 25% 50% 75% 100% | reads done | closed "
-        "(descriptors, threads, RSS MB)"
-    )
-    for n, by_engine in runs.items():
-        for engine, run in by_engine.items():
-            lines.append(f"  {LABELS[engine]:<12} n={n:<6} fds     {_series(run, 'fds')}")
-            lines.append(f"  {'':<12} {'':<8} threads {_series(run, 'threads')}")
-            lines.append(f"  {'':<12} {'':<8} RSS MB  {_series(run, 'rss_mb')}")
-    growth = report["growth"]
-    if growth:
-        lines.append(
-            f"growth from {growth['from']} to {growth['to']} sessions "
-            "(while open, after the reads):"
-        )
-        for engine, g in growth["engines"].items():
-            flat = "flat" if g["fds"] == 0 and g["threads"] == 0 else "NOT flat"
-            lines.append(
-                f"  {LABELS[engine]:<12} fds {g['fds']:+d}, threads {g['threads']:+d} "
-                f"({flat}); RSS {g['rss_mb']:+.1f} MB"
-            )
+    lines += resource_lines(runs, LABELS)
+    lines += growth_lines(report["growth"], LABELS)
     return "\n".join(lines)
 
 
-def _growth(runs: dict[int, dict[str, EngineRun]]) -> dict[str, Any]:
+def table_lines(
+    by_engine: dict[str, dict[str, float | None]], labels: dict[str, str], versus: str
+) -> list[str]:
+    """One scale's rates, ratios (titled ``versus``) and CPU per op, one line per engine."""
+    lines = [
+        f"{'':<12} {'operations per second':^34}   {versus:^23}   {'CPU us per op':^20}",
+        f"{'engine':<12} {'append':>10} {'full-read':>12} {'last-10':>10}   "
+        f"{'append':>7} {'full':>7} {'last-10':>7}   "
+        f"{'append':>6} {'full':>6} {'last':>6}   {'create/s':>9}",
+    ]
+    for engine, f in by_engine.items():
+        lines.append(
+            f"{labels[engine]:<12} {_rate(f['append']):>10} {_rate(f['full']):>12} "
+            f"{_rate(f['last']):>10}   {_ratio(f['append_ratio']):>7} "
+            f"{_ratio(f['full_ratio']):>7} {_ratio(f['last_ratio']):>7}   "
+            f"{f['append_cpu_us']:>6.1f} {f['full_cpu_us']:>6.1f} {f['last_cpu_us']:>6.1f}   "
+            f"{_rate(f['create']):>9}"
+        )
+    return lines
+
+
+def target_lines(checks: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["targets:"]
+    for check in checks:
+        lines.append(
+            f"  {check['target']:<30} {_value(check):>12}  target {check['op']} "
+            f"{_threshold(check):<10} {_verdict(check['met'])}"
+        )
+    return lines
+
+
+def resource_lines(runs: dict[int, dict[str, EngineRun]], labels: dict[str, str]) -> list[str]:
+    lines = [
+        "resources: before | append 25% 50% 75% 100% | reads done | closed "
+        "(descriptors, threads, RSS MB)"
+    ]
+    for n, by_engine in runs.items():
+        for engine, run in by_engine.items():
+            lines.append(f"  {labels[engine]:<12} n={n:<6} fds     {_series(run, 'fds')}")
+            lines.append(f"  {'':<12} {'':<8} threads {_series(run, 'threads')}")
+            lines.append(f"  {'':<12} {'':<8} RSS MB  {_series(run, 'rss_mb')}")
+    return lines
+
+
+def growth_lines(growth: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    if not growth:
+        return []
+    lines = [
+        f"growth from {growth['from']} to {growth['to']} sessions (while open, after the reads):"
+    ]
+    for engine, g in growth["engines"].items():
+        flat = "flat" if g["fds"] == 0 and g["threads"] == 0 else "NOT flat"
+        lines.append(
+            f"  {labels[engine]:<12} fds {g['fds']:+d}, threads {g['threads']:+d} "
+            f"({flat}); RSS {g['rss_mb']:+.1f} MB"
+        )
+    return lines
+
+
+def growth(runs: dict[int, dict[str, EngineRun]]) -> dict[str, Any]:
     if len(runs) < 2:
         return {}
     small, large = min(runs), max(runs)
@@ -563,28 +609,39 @@ def _messages(text: str) -> int:
     return value
 
 
-def _engines(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(ENGINES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown engine {', '.join(unknown) or '(none)'}; use {','.join(ENGINES)}"
-        )
-    return [name for name in ENGINES if name in names]  # raw first: it is the yardstick
+def engine_list(engines: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names from ``engines``, returned in its order."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(engines))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown engine {', '.join(unknown) or '(none)'}; use {','.join(engines)}"
+            )
+        return [name for name in engines if name in names]  # baselines first: yardsticks
+
+    return parse
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.append_read",
-        description="Append and read throughput of sessionkeeper's engines beside raw sqlite3.",
-    )
+def workload_parser(
+    prog: str,
+    description: str,
+    engines: Sequence[str],
+    baselines: str,
+    sessions: Sequence[int] = (1000, 4000),
+) -> argparse.ArgumentParser:
+    """The options of the workload, shared by the benchmarks; ``baselines`` ends the
+    --engines help (which of them the ratios need)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--sessions",
         type=_positive,
         nargs="+",
-        default=[1000, 4000],
+        default=list(sessions),
         help="session counts to run, each a fresh run; the growth between the smallest and "
-        "the largest shows whether descriptors and threads stay flat (default: 1000 4000)",
+        "the largest shows whether descriptors and threads stay flat (default: "
+        f"{' '.join(map(str, sessions))})",
     )
     parser.add_argument(
         "--messages", type=_messages, default=20, help="messages per session (default: 20)"
@@ -594,10 +651,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--engines",
-        type=_engines,
-        default=list(ENGINES),
-        help=f"comma-separated, from {','.join(ENGINES)} (default: all; raw is the baseline "
-        "the ratios need)",
+        type=engine_list(engines),
+        default=list(engines),
+        help=f"comma-separated, from {','.join(engines)} (default: all; {baselines})",
     )
     parser.add_argument(
         "--repeat",
@@ -613,14 +669,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "to time (default: 5)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = workload_parser(
+        "python -m bench.append_read",
+        "Append and read throughput of sessionkeeper's engines beside raw sqlite3.",
+        ENGINES,
+        "raw is the baseline the ratios need",
+    )
     return parser.parse_args(argv)
+
+
+def run_scales(
+    scales: Sequence[int],
+    engines: Sequence[str],
+    repeat: int,
+    measure_one: Callable[[str, int], EngineRun],
+    baselines: dict[str, str],
+    sessionless: Collection[str],
+    targets: Sequence[TargetRule],
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, EngineRun]]]:
+    """Each scale: every engine ``repeat`` times, interleaved, then each phase's best with
+    ratios against ``baselines[engine]`` and the targets checked. Returns the report's
+    scales and the best run of each engine at each scale."""
+    scale_reports: list[dict[str, Any]] = []
+    runs: dict[int, dict[str, EngineRun]] = {}
+    for n in scales:
+        tries: dict[str, list[EngineRun]] = {engine: [] for engine in engines}
+        for _ in range(repeat):
+            for engine in engines:
+                tries[engine].append(measure_one(engine, n))
+        runs[n] = {engine: best(found) for engine, found in tries.items()}
+        by_engine = {
+            engine: figures(run, runs[n].get(baselines[engine]), engine not in sessionless)
+            for engine, run in runs[n].items()
+        }
+        scale_reports.append(
+            {
+                "sessions": n,
+                "engines": by_engine,
+                "targets": check_targets(by_engine, targets),
+                "phases": {
+                    engine: {name: asdict(p) for name, p in run.phases.items()}
+                    for engine, run in runs[n].items()
+                },
+                "resources": {
+                    engine: [asdict(r) for r in run.resources] for engine, run in runs[n].items()
+                },
+            }
+        )
+    return scale_reports, runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     scales: list[int] = sorted(set(args.sessions))
     folder = Path(tempfile.mkdtemp(prefix="sessionkeeper-bench-"))
-    runs: dict[int, dict[str, EngineRun]] = {}
     report: dict[str, Any] = {
         "config": {
             "sessions": scales,
@@ -638,36 +744,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "scales": [],
     }
+
+    def measure_one(engine: str, n: int) -> EngineRun:
+        return measure(engine, folder, n, args.messages, args.concurrency, args.read_rounds)
+
     try:
-        for n in scales:
-            tries: dict[str, list[EngineRun]] = {engine: [] for engine in args.engines}
-            for _ in range(args.repeat):
-                for engine in args.engines:
-                    run = measure(
-                        engine, folder, n, args.messages, args.concurrency, args.read_rounds
-                    )
-                    tries[engine].append(run)
-            runs[n] = {engine: best(found) for engine, found in tries.items()}
-            raw = runs[n].get("raw")
-            by_engine = {engine: figures(run, raw) for engine, run in runs[n].items()}
-            report["scales"].append(
-                {
-                    "sessions": n,
-                    "engines": by_engine,
-                    "targets": check_targets(by_engine),
-                    "phases": {
-                        engine: {name: asdict(p) for name, p in run.phases.items()}
-                        for engine, run in runs[n].items()
-                    },
-                    "resources": {
-                        engine: [asdict(r) for r in run.resources]
-                        for engine, run in runs[n].items()
-                    },
-                }
-            )
+        report["scales"], runs = run_scales(
+            scales,
+            args.engines,
+            args.repeat,
+            measure_one,
+            baselines=dict.fromkeys(ENGINES, "raw"),
+            sessionless={"raw"},
+            targets=TARGETS,
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    report["growth"] = _growth(runs)
+    report["growth"] = growth(runs)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
