@@ -191,19 +191,30 @@ _MESSAGE_ARRAYS = (
 )
 # The read hooks renew an idle session in the same statement ($1 tenant, $2 id, $3 now).
 # The rest of the statement reads the snapshot from before that UPDATE.
-_RENEW = (
-    "renewed AS (UPDATE {s}.sessions SET expires_at = " + _RENEWED.format(now="$3") + " "
-    "WHERE tenant = $1 AND id = $2 AND idle_ttl IS NOT NULL "
-    "AND (expires_at IS NULL OR expires_at > $3) "
-    "AND expires_at IS DISTINCT FROM " + _RENEWED.format(now="$3") + " "
-    "RETURNING pk, expires_at)"
-)
 _ONE_LIVE = f"s.tenant = $1 AND s.id = $2 AND {_LIVE.format(now='$3')}"
+# A read's messages come with the session's expiry, so that only a read of an idle
+# session needs a second statement: the UPDATE that renews it.
 _MESSAGES_OF_LIVE = (
-    f"WITH {_RENEW}, live AS (SELECT s.pk FROM {{s}}.sessions s WHERE {_ONE_LIVE}) "
-    f"SELECT m.seq, m.role, m.content, m.input_tokens, m.output_tokens, m.cost, m.metadata, "
-    f"m.created_at FROM live LEFT JOIN LATERAL (SELECT {_MESSAGE} FROM {{s}}.messages "
-    "WHERE session_pk = live.pk {range}) m ON true ORDER BY m.seq"
+    f"SELECT s.expires_at, s.idle_ttl, s.deadline, m.seq, m.role, m.content, m.input_tokens, "
+    f"m.output_tokens, m.cost, m.metadata, m.created_at FROM {{s}}.sessions s "
+    f"LEFT JOIN LATERAL (SELECT {_MESSAGE} FROM {{s}}.messages "
+    "WHERE session_pk = s.pk {range}) m ON true "
+    f"WHERE {_ONE_LIVE} ORDER BY m.seq"
+)
+# An append moves these columns only (state is elsewhere) and takes the row lock that
+# orders concurrent appenders: each numbers its messages after the last_seq the one
+# before it left.
+_APPEND = (
+    "WITH s AS (UPDATE {s}.sessions SET version = version + 1, updated_at = $3, "
+    "message_count = message_count + $4, last_seq = last_seq + $4, "
+    "input_tokens = input_tokens + $5, output_tokens = output_tokens + $6, cost = cost + $7, "
+    "expires_at = CASE WHEN idle_ttl IS NULL THEN expires_at "
+    f"ELSE {_RENEWED.format(now='$3')} END "
+    "WHERE tenant = $1 AND id = $2 AND (expires_at IS NULL OR expires_at > $3) "
+    "AND ($8::bigint IS NULL OR version = $8) RETURNING pk, last_seq), "
+    "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+    "output_tokens, cost, metadata, created_at) {messages}) "
+    "SELECT last_seq FROM s"
 )
 _FOLDER = (
     "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, (SELECT count(*) FROM {s}.sessions s "
@@ -241,30 +252,28 @@ _STATEMENTS: dict[str, str] = {
         f"WHERE {_ONE_LIVE} FOR UPDATE OF s, st"
     ),
     "get": (
-        f"WITH {_RENEW} SELECT "
-        f"{_RECORD.format(state='st.state', expires_at='coalesce(r.expires_at, s.expires_at)')} "
+        f"SELECT {_RECORD.format(state='st.state', expires_at='s.expires_at')} "
         "FROM {s}.sessions s JOIN {s}.states st ON st.session_pk = s.pk "
-        f"LEFT JOIN renewed r ON r.pk = s.pk WHERE {_ONE_LIVE}"
+        f"WHERE {_ONE_LIVE}"
+    ),
+    "renew": (
+        f"UPDATE {{s}}.sessions s SET expires_at = {_RENEWED.format(now='$3')} "
+        f"WHERE {_ONE_LIVE} AND s.idle_ttl IS NOT NULL RETURNING s.expires_at"
     ),
     "read_after": _MESSAGES_OF_LIVE.replace("{range}", "AND seq > $4 ORDER BY seq LIMIT $5"),
     "read_last": _MESSAGES_OF_LIVE.replace("{range}", "ORDER BY seq DESC LIMIT $4"),
-    # One statement per append: the row lock its UPDATE takes orders concurrent appenders,
-    # so each numbers its messages after the last_seq the one before it left.
-    "append": (
-        "WITH s AS (UPDATE {s}.sessions SET version = version + 1, updated_at = $3, "
-        "message_count = message_count + $4, last_seq = last_seq + $4, "
-        "input_tokens = input_tokens + $5, output_tokens = output_tokens + $6, cost = cost + $7, "
-        "expires_at = CASE WHEN idle_ttl IS NULL THEN expires_at "
-        f"ELSE {_RENEWED.format(now='$3')} END "
-        "WHERE tenant = $1 AND id = $2 AND (expires_at IS NULL OR expires_at > $3) "
-        "AND ($8::bigint IS NULL OR version = $8) RETURNING pk, last_seq), "
-        "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
-        "output_tokens, cost, metadata, created_at) "
+    # One statement per append; one message (the usual case) as plain parameters.
+    "append_one": _APPEND.replace(
+        "{messages}",
+        "SELECT s.pk, s.last_seq, $9::text, $10::text, $11::bigint, $12::bigint, $13::float8, "
+        "$14::text, $3 FROM s",
+    ),
+    "append": _APPEND.replace(
+        "{messages}",
         "SELECT s.pk, s.last_seq - $4 + d.n, d.role, d.content, d.input_tokens, "
         "d.output_tokens, d.cost, d.metadata, $3 "
         f"FROM s, unnest({_MESSAGE_ARRAYS % (9, 10, 11, 12, 13, 14)}) WITH ORDINALITY "
-        "AS d(role, content, input_tokens, output_tokens, cost, metadata, n)) "
-        "SELECT last_seq FROM s"
+        "AS d(role, content, input_tokens, output_tokens, cost, metadata, n)",
     ),
     "save": _SAVE,
     "save_state": f"WITH st AS (UPDATE {{s}}.states SET state = $16 WHERE session_pk = $1) {_SAVE}",
@@ -779,9 +788,32 @@ class PostgresEngine(Engine):
                 raise AlreadyExists(f"session {record.id!r} already exists")
             raise NotFound(f"no folder {record.folder!r} of owner {record.owner!r}")
 
+    async def _renew(
+        self,
+        tenant: str,
+        session_id: str,
+        now: float,
+        expires_at: float | None,
+        idle_ttl: float | None,
+        deadline: float | None,
+    ) -> tuple[bool, float | None]:
+        """Renew the idle expiry of a session just read with these times, if that moves it:
+        ``(still live, expires_at)``. The UPDATE recomputes the expiry from the row as it is
+        by then, so it never undoes a later renewal by another process."""
+        if rules.renewed_expiry(expires_at, idle_ttl, deadline, now) == expires_at:
+            return True, expires_at
+        rows = await self._fetch(self._sql["renew"], tenant, session_id, now)
+        return (True, rows[0][0]) if rows else (False, None)
+
     async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
         rows = await self._fetch(self._sql["get"], tenant, session_id, now)
-        return SessionRecord(*rows[0]) if rows else None
+        if not rows:
+            return None
+        record = SessionRecord(*rows[0])
+        live, record.expires_at = await self._renew(
+            tenant, session_id, now, record.expires_at, record.idle_ttl, record.deadline
+        )
+        return record if live else None
 
     async def delete_session(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
@@ -828,22 +860,19 @@ class PostgresEngine(Engine):
             tokens_in += draft.input_tokens
             tokens_out += draft.output_tokens
             cost += draft.cost
-        args = (
-            tenant,
-            session_id,
-            now,
-            count,
-            tokens_in,
-            tokens_out,
-            cost,
-            expected_version,
-            *_message_arrays(messages),
-        )
-        sql, find = self._sql["append"], self._sql["find"]
+        if count == 1:
+            sql = self._sql["append_one"]
+            one = messages[0]
+            drafts: list[Any] = [one.role, one.content, tokens_in, tokens_out, cost, one.metadata]
+        else:
+            sql = self._sql["append"]
+            drafts = _message_arrays(messages)
+        args = (tenant, session_id, now, count, tokens_in, tokens_out, cost, expected_version)
+        find = self._sql["find"]
 
         async def job(conn: Connection) -> int:
             while True:
-                last_seq: int | None = await conn.fetchval(sql, *args)
+                last_seq: int | None = await conn.fetchval(sql, *args, *drafts)
                 if last_seq is not None:
                     return last_seq
                 # Nothing was written: say why. A session that is live and at the
@@ -857,25 +886,30 @@ class PostgresEngine(Engine):
         last_seq = await self._run(job)
         return rules.number_messages(session_id, last_seq - count, messages, now)
 
-    async def _messages(self, sql: str, session_id: str, *args: Any) -> list[MessageRecord] | None:
-        rows = await self._fetch(sql, *args)
+    async def _messages(
+        self, sql: str, tenant: str, session_id: str, now: float, *args: Any
+    ) -> list[MessageRecord] | None:
+        rows = await self._fetch(sql, tenant, session_id, now, *args)
         if not rows:
             return None
-        if rows[0][0] is None:  # the session has no messages (in range)
+        live, _ = await self._renew(tenant, session_id, now, *rows[0][:3])
+        if not live:
+            return None
+        if rows[0][3] is None:  # the session has no messages (in range)
             return []
-        return [MessageRecord(session_id, *row) for row in rows]
+        return [MessageRecord(session_id, *row[3:]) for row in rows]
 
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
         sql = self._sql["read_after"]
-        return await self._messages(sql, session_id, tenant, session_id, now, after_seq, limit)
+        return await self._messages(sql, tenant, session_id, now, after_seq, limit)
 
     async def last_messages(
         self, tenant: str, session_id: str, now: float, limit: int
     ) -> list[MessageRecord] | None:
         sql = self._sql["read_last"]
-        return await self._messages(sql, session_id, tenant, session_id, now, limit)
+        return await self._messages(sql, tenant, session_id, now, limit)
 
     async def pop_message(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
