@@ -1,11 +1,12 @@
 """The PostgreSQL engine: one schema of tables, reached through an asyncpg pool.
 
-Every hook is one statement where one suffices (an append is one UPDATE ... INSERT CTE;
-a read renews idle expiry in the same statement), and one transaction where it must read
-before it writes (a change locks its row with ``SELECT ... FOR UPDATE`` and applies
-``rules.apply_change`` in Python). Row locks serialise writers of one session across
-processes; the schema is created and upgraded by versioned migrations under an advisory
-lock. Every driver, socket and timeout error leaves as BackendUnavailable.
+Every hook is one statement where one suffices (an append is one UPDATE ... INSERT CTE, a
+read one SELECT, followed by an UPDATE only when it renews an idle session), and one
+transaction where it must read before it writes (a change locks its row with
+``SELECT ... FOR UPDATE`` and applies ``rules.apply_change`` in Python). Row locks
+serialise writers of one session across processes; the schema is created and upgraded by
+versioned migrations under an advisory lock. Every driver, socket and timeout error
+leaves as BackendUnavailable.
 """
 
 from __future__ import annotations
@@ -189,8 +190,7 @@ _MESSAGE = "seq, role, content, input_tokens, output_tokens, cost, metadata, cre
 _MESSAGE_ARRAYS = (
     "$%d::text[], $%d::text[], $%d::bigint[], $%d::bigint[], $%d::float8[], $%d::text[]"
 )
-# The read hooks renew an idle session in the same statement ($1 tenant, $2 id, $3 now).
-# The rest of the statement reads the snapshot from before that UPDATE.
+# The live session a hook is about: $1 tenant, $2 id, $3 now.
 _ONE_LIVE = f"s.tenant = $1 AND s.id = $2 AND {_LIVE.format(now='$3')}"
 # A read's messages come with the session's expiry, so that only a read of an idle
 # session needs a second statement: the UPDATE that renews it.
@@ -578,7 +578,7 @@ class PostgresEngine(Engine):
         else:
             reason = str(exc) or type(exc).__name__
         host = urlsplit(self._dsn).netloc.rpartition("@")[2]  # never the password
-        return BackendUnavailable(f"postgresql at {host}: {reason}")
+        return BackendUnavailable(f"postgresql at {host or 'the default host'}: {reason}")
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -653,8 +653,9 @@ class PostgresEngine(Engine):
 
     async def _transact(self, job: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``job`` in one transaction. A deadlock that PostgreSQL broke by aborting
-        this transaction (two writers locking a session and a folder in opposite orders)
-        left nothing behind, so the job runs again."""
+        this transaction (another one took the same rows' locks in the opposite order, as
+        two folder deletions that reassign to each other's folder do) left nothing
+        behind, so the job runs again."""
         pool = self._usable_pool()
         for attempt in range(_DEADLOCK_RETRIES + 1):
             try:
@@ -671,6 +672,7 @@ class PostgresEngine(Engine):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """The rows of one statement: ``_run`` without a job to build, for the reads."""
         pool = self._usable_pool()
         try:
             async with pool.acquire(timeout=self.settings.server_timeout) as conn:
