@@ -1,0 +1,1619 @@
+"""The Redis engine: sessions in hash-tagged keys that Lua scripts change, on a server or Cluster.
+
+Keys (``P`` is the URL's ``prefix=``, default ``sk:``). Every key of one session shares the
+hash tag ``{tenant/session_id}`` (``/`` is not allowed in ids, so no two sessions share a
+tag), so one script changes a session atomically, on Cluster too:
+
+    P{t/s}:meta     hash: the session's fields (absent field = None)
+    P{t/s}:state    string: the state, JSON text
+    P{t/s}:msgs     sorted set: one member per message, scored by seq (pop leaves a gap)
+
+Cross-session indexes live under the tenant's own hash tag ``{t}``, one slot per tenant:
+
+    P{t}:by-created          zset id -> created_at, every session of the tenant
+    P{t}:by-updated          zset id -> updated_at
+    P{t}:by-expiry           zset id -> a lower bound of expires_at (purge's candidates)
+    P{t}:by-owner:-|=<o>     zset id -> created_at, per owner (``-`` for None)
+    P{t}:by-folder:-|=<f>    zset id -> created_at, per folder (``-`` for no folder)
+    P{t}:by-status:<s>       zset id -> created_at, per status
+    P{t}:folder:<f>          hash: a folder's owner, name, created_at
+    P{t}:folders             set of folder ids
+    P{t}:folder-names        hash "<owner><name>" -> folder id: names unique per owner
+    Ptenants                 zset of tenants, for purging every tenant
+
+Every key of a session carries PEXPIREAT = ``expires_at``, set by every write and idle
+renewal, so Redis drops expired sessions by itself; reads still judge expiry by the ``now``
+the store passes in.
+
+Indexes are candidates, never the truth: listings and counts read each candidate's meta
+(pipelined, grouped per node on Cluster) and return only live sessions that match.
+
+- Adds. On one server a write's script adds its index entries itself (only Cluster confines
+  a script to one slot), so they land with the write or not at all. On Cluster the tenant's
+  slot is on another node: the adds go there in the same round trip, whatever the script
+  does, so each is harmless if the write fails (NX keeps a live session's entries, XX never
+  brings back a deleted one, an extra member is dropped later), and a write that changed
+  nothing puts the by-updated score it sent back.
+- Removals wait until a script says the session no longer belongs there: delete and purge
+  remove what their script reports; a listing removes the stale entries it meets, checks
+  them again and puts back any that a write made right meanwhile, and fixes wrong scores.
+- by-expiry scores only lag (idle renewal never writes them); purge moves them up.
+
+So on one server the indexes are exact after every operation, and extra entries exist only
+between a delete and its cleanup. On Cluster, an index node that fails while a write's
+script succeeds leaves that entry out (the caller sees BackendUnavailable), and listings
+cannot see what is missing: the session's next change re-adds all of its entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+import weakref
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+
+from .. import rules
+from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
+from ..models import (
+    Change,
+    FolderRecord,
+    MessageDraft,
+    MessageRecord,
+    OwnerCount,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
+from ..settings import Settings
+from .base import Engine
+from .memory import MemoryEngine
+
+__all__ = ["RedisEngine"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_Pipe = Pipeline | ClusterPipeline
+# An index entry a write adds: the index's key, the ZADD flag ("NX", "XX" or ""), score
+# and member.
+_Add = tuple[str, str, float, str]
+
+_log = logging.getLogger("sessionkeeper")
+
+_PREFIX = re.compile(r"[A-Za-z0-9_:.\-]{1,64}")
+_OPTIONS = ("prefix", "cluster", "fallback", "durable")
+_BATCH = 500  # index entries read, and metas fetched, per round trip
+_SEP = "\x1f"  # between the fields of a stored message; JSON text never holds it raw
+
+# The meta hash's fields, in the order scripts return them and _record reads them.
+_FIELDS = (
+    "owner",
+    "folder",
+    "title",
+    "status",
+    "step",
+    "metadata",
+    "version",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "idle_ttl",
+    "deadline",
+    "message_count",
+    "last_seq",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+)
+_NULLABLE = tuple(
+    i
+    for i, f in enumerate(_FIELDS)
+    if f in ("owner", "folder", "step", "expires_at", "idle_ttl", "deadline")
+)
+# What a change may move (expires_at is renewed by the script itself, from what is stored).
+_CHANGED = tuple(
+    f for f in _FIELDS if f not in ("created_at", "expires_at", "idle_ttl", "deadline")
+)
+
+# --- Lua --------------------------------------------------------------------------------
+# Session scripts take KEYS = meta, state, msgs of one session (one slot) and ARGV[1] = now.
+# A writing script may also take index entries to add when it writes: on one server (where
+# a script may touch any key) KEYS[4..] are index zsets, and the last three ARGV per index
+# are the ZADD flag ('NX', 'XX' or ''), score and member. LAST is the script's own last ARGV.
+
+_LUA_SESSION = r"""
+local META, STATE, MSGS = KEYS[1], KEYS[2], KEYS[3]
+local FIELDS = {__FIELDS__}
+local LAST = #ARGV - 3 * (#KEYS - 3)
+
+local function index()
+  for i = 4, #KEYS do
+    local at = LAST + 3 * (i - 4)
+    if ARGV[at + 1] == '' then
+      redis.call('ZADD', KEYS[i], ARGV[at + 2], ARGV[at + 3])
+    else
+      redis.call('ZADD', KEYS[i], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3])
+    end
+  end
+end
+
+local function num(x) return string.format('%.17g', x) end
+local function int(x) return string.format('%d', x) end
+
+-- The named fields (plus version and expires_at) by name, false where unset; nil if the
+-- session is absent or expired at now.
+local function live(now, names)
+  local v = redis.call('HMGET', META, 'version', 'expires_at', unpack(names))
+  if not v[1] or (v[2] and tonumber(v[2]) <= now) then return nil end
+  local m = {version = v[1], expires_at = v[2]}
+  for i, name in ipairs(names) do m[name] = v[i + 2] end
+  return m
+end
+
+-- live(), also checking the expected version ('' for any); else nil and the reply why.
+local function writable(now, expected, names)
+  local m = live(now, names)
+  if not m then return nil, {'missing'} end
+  if expected ~= '' and tonumber(expected) ~= tonumber(m.version) then
+    return nil, {'conflict', m.version, m.updated_at}
+  end
+  return m
+end
+
+-- The fields in FIELDS order as one string ('' for unset), which is cheaper to send and to
+-- parse than an array; _unpack splits it.
+local function record(m)
+  local out = {}
+  for i, name in ipairs(FIELDS) do out[i] = m[name] or '' end
+  return table.concat(out, '\031')
+end
+
+-- rules.renewed_expiry, the same arithmetic on the same doubles: an idle session's expiry
+-- moves to now + idle_ttl, never back and never past its deadline; others keep theirs.
+local function renewed(expires, idle, deadline, now)
+  if not idle then return expires end
+  local r = now + idle
+  if expires and expires > r then r = expires end
+  if deadline and deadline < r then r = deadline end
+  return r
+end
+
+-- Native TTL: every key of the session goes at `expires` (Unix seconds), set only when that
+-- is ahead of the server's clock; a time already past would delete the keys now, and
+-- purge_expired removes such a session along with its index entries.
+local function expire_at(expires)
+  if not expires then return end
+  local ms = math.ceil(expires * 1000)
+  local t = redis.call('TIME')
+  if ms <= t[1] * 1000 + math.floor(t[2] / 1000) then return end
+  ms = string.format('%.0f', ms)
+  redis.call('PEXPIREAT', META, ms)
+  redis.call('PEXPIREAT', STATE, ms)
+  redis.call('PEXPIREAT', MSGS, ms)
+end
+
+-- An access at now: renew the idle expiry in the hash, in m and in the native TTL.
+local function touch(m, now)
+  local old = tonumber(m.expires_at)
+  local new = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
+  if new ~= old then
+    m.expires_at = num(new)
+    redis.call('HSET', META, 'expires_at', m.expires_at)
+    expire_at(new)
+  end
+end
+
+-- rules.remove_messages: the aggregates after `count` messages with these sums went.
+local function remove(m, count, tokens_in, tokens_out, cost)
+  local left = tonumber(m.message_count) - count
+  if left <= 0 then
+    m.message_count, m.input_tokens, m.output_tokens, m.cost = '0', '0', '0', num(0)
+  else
+    m.message_count = int(left)
+    m.input_tokens = int(tonumber(m.input_tokens) - tokens_in)
+    m.output_tokens = int(tonumber(m.output_tokens) - tokens_out)
+    m.cost = num(math.max(tonumber(m.cost) - cost, 0))
+  end
+end
+
+-- Save a change to the messages: new version, updated_at = now, idle expiry renewed.
+local function save(m, now)
+  local old = tonumber(m.expires_at)
+  local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
+  m.version = int(tonumber(m.version) + 1)
+  m.updated_at = ARGV[1]
+  local set = {'version', m.version, 'updated_at', m.updated_at, 'message_count',
+    m.message_count, 'input_tokens', m.input_tokens, 'output_tokens', m.output_tokens,
+    'cost', m.cost}
+  if expires ~= old then
+    m.expires_at = num(expires)
+    set[#set + 1] = 'expires_at'
+    set[#set + 1] = m.expires_at
+  end
+  redis.call('HSET', META, unpack(set))
+  expire_at(expires)
+end
+
+local now = tonumber(ARGV[1])
+"""
+
+_LUA_REST = (
+    "local REST = {"
+    + ", ".join(f"'{f}'" for f in _FIELDS if f not in ("version", "expires_at"))
+    + "}\n"
+)
+
+# ARGV: now, expires_at or '', state, then field/value pairs. Replies 0 if a live session
+# has the id, 1 if stored, 2 if stored over an expired one.
+_INSERT = r"""
+local old = redis.call('HMGET', META, 'version', 'expires_at')
+if old[1] and not (old[2] and tonumber(old[2]) <= now) then return 0 end
+redis.call('DEL', META, STATE, MSGS)
+redis.call('HSET', META, unpack(ARGV, 4, LAST))
+redis.call('SET', STATE, ARGV[3])
+expire_at(tonumber(ARGV[2]))
+index()
+if old[1] then return 2 end
+return 1
+"""
+
+# ARGV: now, '1' to return the state, '1' to renew idle expiry (a read before a write
+# leaves that to the write). Replies nil, or {fields, state}.
+_GET = (
+    _LUA_REST
+    + r"""
+local m = live(now, REST)
+if not m then return false end
+if ARGV[3] == '1' then touch(m, now) end
+if ARGV[2] == '1' then return {record(m), redis.call('GET', STATE)} end
+return {record(m)}
+"""
+)
+
+# ARGV: now, after_seq ('' for the newest), limit. Replies nil, or the stored messages.
+_MESSAGES = r"""
+local m = live(now, {'idle_ttl', 'deadline'})
+if not m then return false end
+touch(m, now)
+if ARGV[2] == '' then return redis.call('ZRANGE', MSGS, -tonumber(ARGV[3]), -1) end
+return redis.call('ZRANGE', MSGS, '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[3])
+"""
+
+# The hot path. ARGV: now, expected version or '', input and output token sums, then per
+# message its cost and its stored text without the seq. Numbers the messages after
+# last_seq, moves the aggregates (cost added one message at a time, as rules.apply_append
+# does), version and updated_at, renews idle expiry and refreshes the native TTL. Replies
+# {'ok', last_seq before}, {'missing'} or {'conflict', version, updated_at}.
+_APPEND = r"""
+local m, why = writable(now, ARGV[2], {'idle_ttl', 'deadline', 'last_seq', 'cost', 'updated_at'})
+if not m then return why end
+local last = tonumber(m.last_seq)
+local cost = tonumber(m.cost)
+local n = (LAST - 4) / 2
+local batch = {}
+for i = 1, n do
+  cost = cost + tonumber(ARGV[3 + 2 * i])
+  batch[#batch + 1] = last + i
+  batch[#batch + 1] = int(last + i) .. '\031' .. ARGV[4 + 2 * i]
+  if #batch >= 1000 or i == n then
+    redis.call('ZADD', MSGS, unpack(batch))
+    batch = {}
+  end
+end
+local old = tonumber(m.expires_at)
+local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
+local set = {'version', int(tonumber(m.version) + 1), 'updated_at', ARGV[1],
+  'last_seq', int(last + n), 'cost', num(cost)}
+if expires ~= old then
+  set[#set + 1] = 'expires_at'
+  set[#set + 1] = num(expires)
+end
+redis.call('HSET', META, unpack(set))
+redis.call('HINCRBY', META, 'message_count', n)
+redis.call('HINCRBY', META, 'input_tokens', ARGV[3])
+redis.call('HINCRBY', META, 'output_tokens', ARGV[4])
+expire_at(expires)
+index()
+return {'ok', last}
+"""
+
+# ARGV: now, expected version or ''. Replies {'ok', fields, popped or nil}; on an empty
+# history nothing changes.
+_POP = (
+    _LUA_REST
+    + r"""
+local m, why = writable(now, ARGV[2], REST)
+if not m then return why end
+local top = redis.call('ZRANGE', MSGS, -1, -1)
+if #top == 0 then return {'ok', record(m), false} end
+local tokens_in, tokens_out, cost = string.match(top[1], '^%d+\031(%d+)\031(%d+)\031([^\031]+)')
+redis.call('ZREMRANGEBYRANK', MSGS, -1, -1)
+remove(m, 1, tonumber(tokens_in), tonumber(tokens_out), tonumber(cost))
+save(m, now)
+index()
+return {'ok', record(m), top[1]}
+"""
+)
+
+# ARGV: now, expected version or ''. Replies {'ok', fields, how many went}.
+_CLEAR = (
+    _LUA_REST
+    + r"""
+local m, why = writable(now, ARGV[2], REST)
+if not m then return why end
+local removed = redis.call('ZCARD', MSGS)
+redis.call('DEL', MSGS)
+remove(m, removed, tonumber(m.input_tokens), tonumber(m.output_tokens), tonumber(m.cost))
+save(m, now)
+index()
+return {'ok', record(m), removed}
+"""
+)
+
+# ARGV: now, expected version or ''. Replies {'ok', owner, folder, status}.
+_DELETE = r"""
+local m, why = writable(now, ARGV[2], {'owner', 'folder', 'status', 'updated_at'})
+if not m then return why end
+redis.call('DEL', META, STATE, MSGS)
+return {'ok', m.owner, m.folder, m.status}
+"""
+
+# A change computed by rules.apply_change from a read at version ARGV[2], written only if
+# the session is still at that version (compare-and-set). ARGV: now, version read, new
+# state or '' (unchanged), count of fields to set, count to unset, the field/value pairs,
+# the unset names, then (seq, stored text) per appended message. The idle expiry is
+# renewed from what is stored now. Replies {'ok', expires_at}, {'missing'} or {'conflict',
+# version, updated_at}.
+_CHANGE = r"""
+local m, why = writable(now, ARGV[2], {'idle_ttl', 'deadline', 'updated_at'})
+if not m then return why end
+local set, unset = tonumber(ARGV[4]), tonumber(ARGV[5])
+local i = 6
+if set > 0 then redis.call('HSET', META, unpack(ARGV, i, i + 2 * set - 1)) end
+i = i + 2 * set
+if unset > 0 then redis.call('HDEL', META, unpack(ARGV, i, i + unset - 1)) end
+i = i + unset
+if ARGV[3] ~= '' then redis.call('SET', STATE, ARGV[3]) end
+for j = i, LAST, 1000 do redis.call('ZADD', MSGS, unpack(ARGV, j, math.min(j + 999, LAST))) end
+local old = tonumber(m.expires_at)
+local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
+if expires ~= old then redis.call('HSET', META, 'expires_at', num(expires)) end
+expire_at(expires)
+index()
+if expires then return {'ok', num(expires)} end
+return {'ok'}
+"""
+
+# ARGV: now. Deletes the session if it has expired. Replies {'deleted', owner, folder,
+# status}, {'gone'} (no such session) or {'live', expires_at}.
+_PURGE = r"""
+local m = redis.call('HMGET', META, 'version', 'expires_at', 'owner', 'folder', 'status')
+if not m[1] then return {'gone'} end
+if m[2] and tonumber(m[2]) <= now then
+  redis.call('DEL', META, STATE, MSGS)
+  return {'deleted', m[3], m[4], m[5]}
+end
+return {'live', m[2]}
+"""
+
+# A member of a deleted folder. ARGV: now, the folder, the folder to move to ('' for none),
+# '1' to delete the session instead. Replies nil if the session is not in that folder, else
+# {'moved', 1 if live, created_at} or {'deleted', 1 if live, owner, status}.
+_LEAVE_FOLDER = r"""
+local m = redis.call('HMGET', META, 'version', 'folder', 'expires_at', 'owner', 'status',
+  'created_at')
+if not m[1] or m[2] ~= ARGV[2] then return false end
+local alive = 0
+if not m[3] or tonumber(m[3]) > now then alive = 1 end
+if ARGV[4] == '1' then
+  redis.call('DEL', META, STATE, MSGS)
+  return {'deleted', alive, m[4], m[5]}
+end
+if ARGV[3] == '' then
+  redis.call('HDEL', META, 'folder')
+else
+  redis.call('HSET', META, 'folder', ARGV[3])
+end
+redis.call('HSET', META, 'version', int(tonumber(m[1]) + 1), 'updated_at', ARGV[1])
+return {'moved', alive, m[6]}
+"""
+
+# Tenant scripts: every key under the tenant's hash tag. A folder name's key in
+# folder-names is the owner, length-prefixed ('-' for None), then the name.
+_LUA_TENANT = r"""
+local function name_key(owner, name)
+  if owner then return #owner .. ':' .. owner .. name end
+  return '-' .. name
+end
+"""
+
+# KEYS: folder, folders, folder-names. ARGV: id, name, created_at, owner ('' with no
+# owner flag), '1' if it has an owner. Replies 'ok', 'name' or 'id' (taken).
+_INSERT_FOLDER = r"""
+local owner = false
+if ARGV[5] == '1' then owner = ARGV[4] end
+local key = name_key(owner, ARGV[2])
+if redis.call('HEXISTS', KEYS[3], key) == 1 then return 'name' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'id' end
+redis.call('HSET', KEYS[3], key, ARGV[1])
+redis.call('HSET', KEYS[1], 'name', ARGV[2], 'created_at', ARGV[3])
+if owner then redis.call('HSET', KEYS[1], 'owner', owner) end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: folder, folder-names. ARGV: id, new name. Replies nil, {'taken', owner} or
+# {'ok', owner, created_at}.
+_RENAME_FOLDER = r"""
+local f = redis.call('HMGET', KEYS[1], 'name', 'owner', 'created_at')
+if not f[1] then return false end
+if f[1] ~= ARGV[2] then
+  if redis.call('HSETNX', KEYS[2], name_key(f[2], ARGV[2]), ARGV[1]) == 0 then
+    return {'taken', f[2]}
+  end
+  redis.call('HDEL', KEYS[2], name_key(f[2], f[1]))
+  redis.call('HSET', KEYS[1], 'name', ARGV[2])
+end
+return {'ok', f[2], f[3]}
+"""
+
+# KEYS: folder, folders, folder-names, its by-folder index, the folder to move to (or the
+# folder again). ARGV: id, '1' if moving to KEYS[5]. Deletes the folder and hands back its
+# index. Replies {'missing'}, {'target', owner} or {'ok', member ids}.
+_DELETE_FOLDER = r"""
+local f = redis.call('HMGET', KEYS[1], 'name', 'owner')
+if not f[1] then return {'missing'} end
+if ARGV[2] == '1' then
+  local to = redis.call('HMGET', KEYS[5], 'name', 'owner')
+  if not to[1] or to[2] ~= f[2] then return {'target', f[2]} end
+end
+redis.call('HDEL', KEYS[3], name_key(f[2], f[1]))
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+local members = redis.call('ZRANGE', KEYS[4], 0, -1)
+redis.call('DEL', KEYS[4])
+return {'ok', members}
+"""
+
+# KEYS: by-updated. ARGV: id, the score a failed write put there, the session's real
+# updated_at. Puts the real one back unless another write has moved the score since.
+_RESTORE_UPDATED = r"""
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    """A Lua script, run by its SHA1 (EVALSHA) and loaded again if the server lost it."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, *parts: str) -> _Script:
+        source = "".join(parts)
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+_SESSION = _LUA_SESSION.replace("__FIELDS__", ", ".join(f"'{f}'" for f in _FIELDS))
+_SCRIPTS = {
+    "insert": _Script.of(_SESSION, _INSERT),
+    "get": _Script.of(_SESSION, _GET),
+    "messages": _Script.of(_SESSION, _MESSAGES),
+    "append": _Script.of(_SESSION, _APPEND),
+    "pop": _Script.of(_SESSION, _POP),
+    "clear": _Script.of(_SESSION, _CLEAR),
+    "delete": _Script.of(_SESSION, _DELETE),
+    "change": _Script.of(_SESSION, _CHANGE),
+    "purge": _Script.of(_SESSION, _PURGE),
+    "leave_folder": _Script.of(_SESSION, _LEAVE_FOLDER),
+    "insert_folder": _Script.of(_LUA_TENANT, _INSERT_FOLDER),
+    "rename_folder": _Script.of(_LUA_TENANT, _RENAME_FOLDER),
+    "delete_folder": _Script.of(_LUA_TENANT, _DELETE_FOLDER),
+    "restore_updated": _Script.of(_RESTORE_UPDATED),
+}
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """A redis:// URL split into what redis-py gets and the engine's own options."""
+
+    url: str
+    where: str  # host:port, for messages (never the password)
+    prefix: str = "sk:"
+    cluster: bool = False
+    fallback: bool = False
+    durable: bool = False
+
+
+def _flag(name: str, value: str) -> bool:
+    if value not in ("true", "false"):
+        raise InvalidInput("url", f"{name}= must be true or false, not {value!r}")
+    return value == "true"
+
+
+def _parse_url(url: str) -> _Options:
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    unknown = sorted({n for n in names if n not in _OPTIONS})
+    if unknown:
+        raise InvalidInput(
+            "url",
+            f"unknown option {', '.join(unknown)}: a redis URL takes {', '.join(_OPTIONS)}",
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidInput("url", f"option {', '.join(repeated)} is given twice")
+    given = dict(pairs)
+    prefix = given.get("prefix", "sk:")
+    if _PREFIX.fullmatch(prefix) is None:
+        raise InvalidInput("url", "prefix= must be 1-64 letters, digits and _:.- characters")
+    fallback = given.get("fallback")
+    if fallback not in (None, "memory"):
+        raise InvalidInput("url", f"fallback= can only be memory, not {fallback!r}")
+    cluster = _flag("cluster", given.get("cluster", "false"))
+    if cluster and parts.path.strip("/") not in ("", "0"):
+        raise InvalidInput("url", "Redis Cluster has only database 0")
+    return _Options(
+        url=parts._replace(query="").geturl(),
+        where=f"{parts.hostname or 'localhost'}:{parts.port or 6379}",
+        prefix=prefix,
+        cluster=cluster,
+        fallback=fallback == "memory",
+        durable=_flag("durable", given.get("durable", "false")),
+    )
+
+
+# --- records ----------------------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _unpack(text: str) -> list[str | None]:
+    """The fields a script's record() joined. Only the nullable ones are ever empty (the
+    title may be "" but is never None); none holds the separator, as the store allows no
+    control characters in titles, owners and steps, and JSON text escapes them."""
+    values: list[str | None] = list(text.split(_SEP))
+    for i in _NULLABLE:
+        if values[i] == "":
+            values[i] = None
+    return values
+
+
+def _record(tenant: str, session_id: str, v: Sequence[Any], state: str | None) -> SessionRecord:
+    """A record from the meta fields in _FIELDS order."""
+    return SessionRecord(
+        tenant,
+        session_id,
+        v[0],
+        v[1],
+        v[2],
+        v[3],
+        v[4],
+        v[5],
+        state,
+        int(v[6]),
+        float(v[7]),
+        float(v[8]),
+        _float(v[9]),
+        _float(v[10]),
+        _float(v[11]),
+        int(v[12]),
+        int(v[13]),
+        int(v[14]),
+        int(v[15]),
+        float(v[16]),
+    )
+
+
+def _stored(
+    role: str,
+    content: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float,
+    metadata: str,
+    created_at: float,
+) -> str:
+    """A message as stored after its seq: numbers first, so Lua can read them back."""
+    return _SEP.join(
+        (
+            str(input_tokens),
+            str(output_tokens),
+            repr(cost),
+            repr(created_at),
+            role,
+            metadata,
+            content,
+        )
+    )
+
+
+def _message(session_id: str, member: str) -> MessageRecord:
+    seq, tokens_in, tokens_out, cost, created_at, role, metadata, content = member.split(_SEP, 7)
+    return MessageRecord(
+        session_id,
+        int(seq),
+        role,
+        content,
+        int(tokens_in),
+        int(tokens_out),
+        float(cost),
+        metadata,
+        float(created_at),
+    )
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def _member_key(value: str | None) -> str:
+    return "-" if value is None else f"={value}"
+
+
+class _Tenant:
+    """The keys of one tenant's indexes and folders, all in the tenant's slot."""
+
+    __slots__ = ("created", "expiry", "folders", "names", "tag", "updated")
+
+    def __init__(self, prefix: str, tenant: str) -> None:
+        self.tag = f"{prefix}{{{tenant}}}"
+        self.created = f"{self.tag}:by-created"
+        self.updated = f"{self.tag}:by-updated"
+        self.expiry = f"{self.tag}:by-expiry"
+        self.folders = f"{self.tag}:folders"
+        self.names = f"{self.tag}:folder-names"
+
+    def owner(self, owner: str | None) -> str:
+        return f"{self.tag}:by-owner:{_member_key(owner)}"
+
+    def in_folder(self, folder: str | None) -> str:
+        return f"{self.tag}:by-folder:{_member_key(folder)}"
+
+    def status(self, status: str) -> str:
+        return f"{self.tag}:by-status:{status}"
+
+    def folder(self, folder_id: str) -> str:
+        return f"{self.tag}:folder:{folder_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """One index zset: scored by ``score`` (a record field); with ``field`` set, it holds
+    the sessions whose ``field`` is ``value``."""
+
+    key: str
+    score: Literal["created_at", "updated_at"]
+    field: str | None = None
+    value: str | None = None
+
+    def holds(self, record: SessionRecord) -> bool:
+        return self.field is None or getattr(record, self.field) == self.value
+
+
+def _sort_out(
+    index: _Index,
+    entries: Sequence[tuple[str, float]],
+    records: Sequence[SessionRecord | None],
+    query: SessionQuery,
+    now: float,
+    stale: dict[str, None],
+    moved: dict[str, float],
+) -> list[SessionRecord]:
+    """The live sessions among an index's ``entries`` that match ``query``. Entries of
+    sessions that are gone or no longer belong go to ``stale``, wrong scores to ``moved``."""
+    found: list[SessionRecord] = []
+    for (sid, score), record in zip(entries, records, strict=True):
+        if record is None or not index.holds(record):
+            stale[sid] = None
+            continue
+        actual: float = getattr(record, index.score)
+        if actual != score:
+            moved[sid] = actual
+        if rules.matches(record, query, now):
+            found.append(record)
+    return found
+
+
+def _queue_adds(adds: Sequence[_Add], pipe: _Pipe) -> None:
+    for key, flag, score, member in adds:
+        pipe.zadd(key, {member: score}, nx=flag == "NX", xx=flag == "XX")
+
+
+def _queue_members(keys: list[str], pipe: _Pipe) -> None:
+    for key in keys:
+        pipe.zrange(key, 0, -1, withscores=True)
+
+
+# --- the engine -------------------------------------------------------------------------
+
+# OSError covers socket errors and TimeoutError; RedisClusterException is not a RedisError.
+_DRIVER_ERRORS = (RedisError, RedisClusterException, OSError)
+
+# Engines still open in this process; a forked child must not use them.
+_OPEN_ENGINES: weakref.WeakSet[RedisEngine] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for engine in list(_OPEN_ENGINES):
+        engine._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _hook(
+    method: Callable[Concatenate[RedisEngine, P], Awaitable[T]],
+) -> Callable[Concatenate[RedisEngine, P], Coroutine[Any, Any, T]]:
+    """Run a hook on the memory fallback if the engine fell back, else on Redis, within the
+    connection limit, with every driver error raised as BackendUnavailable."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def hook(self: RedisEngine, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._fallback is not None:
+            result: T = await getattr(self._fallback, name)(*args, **kwargs)
+            return result
+        if self._forked:
+            raise BackendUnavailable(
+                "this Redis store was opened before fork(); open a new one in the child"
+            )
+        if self._client is None:
+            raise BackendUnavailable("the Redis engine is closed")
+        try:
+            async with self._slots:
+                return await method(self, *args, **kwargs)
+        except _DRIVER_ERRORS as exc:
+            raise BackendUnavailable(f"redis at {self._options.where}: {exc}") from exc
+
+    return hook
+
+
+class RedisEngine(Engine):
+    """Sessions in Redis or Redis Cluster: one script per session write, sorted-set indexes."""
+
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_fallback",
+        "_forked",
+        "_options",
+        "_slots",
+        "settings",
+    )
+    name = "redis"
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self._options = _parse_url(url)
+        self.settings = settings
+        self._client: Redis | RedisCluster | None = None
+        self._fallback: MemoryEngine | None = None
+        self._forked = False
+        # At most pool_size operations at once, so no node is asked for more connections.
+        self._slots = asyncio.Semaphore(settings.pool_size)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _connect(self) -> Redis | RedisCluster:
+        timeout = self.settings.server_timeout
+        common: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "decode_responses": True,
+            # No retries: a failure reaches the caller within server_timeout.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self._options.cluster:
+            return RedisCluster.from_url(
+                self._options.url, max_connections=self.settings.pool_size, **common
+            )
+        pool = BlockingConnectionPool.from_url(
+            self._options.url, max_connections=self.settings.pool_size, timeout=timeout, **common
+        )
+        return Redis.from_pool(pool)
+
+    async def open(self) -> None:
+        if self._client is not None or self._fallback is not None:
+            return
+        client = self._connect()
+        try:
+            if isinstance(client, RedisCluster):
+                await client.initialize()
+            else:
+                await client.ping()
+            self._client = client
+            await self._load_scripts()
+            if self._options.durable:
+                await self._check_durability(client)
+        except _DRIVER_ERRORS as exc:
+            self._client = None
+            await client.aclose()
+            if not self._options.fallback:
+                raise BackendUnavailable(
+                    f"redis: cannot reach {self._options.where}: {exc}"
+                ) from exc
+            _log.warning(
+                "redis: cannot reach %s (%s); running on memory, as fallback=memory asks: "
+                "sessions, messages and folders now live in this process only, other "
+                "processes do not see them, and all of them are lost when it exits",
+                self._options.where,
+                exc,
+            )
+            self._fallback = MemoryEngine()
+            return
+        _OPEN_ENGINES.add(self)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._fallback = None
+        _OPEN_ENGINES.discard(self)
+        if client is not None and not self._forked:
+            await client.aclose()
+
+    async def _load_scripts(self) -> None:
+        """Load every script (on every primary of a Cluster), so EVALSHA finds them."""
+        assert self._client is not None
+        for script in _SCRIPTS.values():
+            await self._client.script_load(script.source)
+
+    async def _check_durability(self, client: Redis | RedisCluster) -> None:
+        """Warn when an acknowledged write would not survive a crash of the server."""
+        try:
+            if isinstance(client, RedisCluster):
+                nodes = client.get_primaries()
+                configs = [await client.config_get("append*", target_nodes=n) for n in nodes]
+                where = [node.name for node in nodes]
+            else:
+                configs, where = [await client.config_get("append*")], [self._options.where]
+        except ResponseError as exc:  # managed services often refuse CONFIG
+            _log.warning(
+                "redis at %s: durable=true, but its persistence settings cannot be read "
+                "(%s): check that appendonly is yes and appendfsync always",
+                self._options.where,
+                exc,
+            )
+            return
+        for node, config in zip(where, configs, strict=True):
+            if config.get("appendonly") != "yes":
+                _log.warning(
+                    "redis at %s: appendonly is off, so acknowledged writes are lost when the "
+                    "server crashes or restarts; durable=true needs appendonly yes and "
+                    "appendfsync always",
+                    node,
+                )
+            elif config.get("appendfsync") != "always":
+                _log.warning(
+                    "redis at %s: appendfsync is %s, so acknowledged writes survive a crash "
+                    "of Redis but up to a second of them is lost on power loss or an OS "
+                    "crash; durable=true needs appendfsync always",
+                    node,
+                    config.get("appendfsync"),
+                )
+
+    @property
+    def _redis(self) -> Redis | RedisCluster:
+        assert self._client is not None  # _hook checked it
+        return self._client
+
+    def _session_keys(self, tenant: str, session_id: str) -> list[str]:
+        tag = f"{self._options.prefix}{{{tenant}/{session_id}}}"
+        return [f"{tag}:meta", f"{tag}:state", f"{tag}:msgs"]
+
+    @property
+    def _registry(self) -> str:
+        """The zset of every tenant with sessions, for purging them all."""
+        return f"{self._options.prefix}tenants"
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        return _Tenant(self._options.prefix, tenant)
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script by its SHA1, loading the scripts again if the server lost them."""
+        script = _SCRIPTS[name]
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _run(self, queue: Callable[[_Pipe], object]) -> list[Any]:
+        """Send what ``queue`` puts in a pipeline in one round trip (on Cluster, redis-py
+        sends each node its part at once), loading the scripts again if the server lost
+        them."""
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            queue(pipe)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                await self._load_scripts()  # the server restarted: run it all again
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
+
+    async def _write(
+        self, name: str, keys: Sequence[str], args: Sequence[str], adds: Sequence[_Add]
+    ) -> Any:
+        """Run a writing session script with the index entries it adds when it writes.
+
+        On one server the script adds them itself, so they land with the write or not at
+        all. On Cluster they live on another node: they go there in the same round trip,
+        whatever the script does, so each add must be harmless if the write fails.
+        """
+        if not self._options.cluster:
+            tail = [x for _, flag, score, member in adds for x in (flag, repr(score), member)]
+            return await self._eval(name, [*keys, *(add[0] for add in adds)], [*args, *tail])
+
+        def queue(pipe: _Pipe) -> None:
+            self._queue_eval(pipe, name, keys, args)
+            _queue_adds(adds, pipe)
+
+        return (await self._run(queue))[0]
+
+    def _queue_each(
+        self, name: str, tenant: str, ids: Sequence[str], args: Sequence[str], pipe: _Pipe
+    ) -> None:
+        """Queue script ``name`` once for each of these sessions."""
+        for sid in ids:
+            self._queue_eval(pipe, name, self._session_keys(tenant, sid), args)
+
+    @staticmethod
+    def _queue_eval(pipe: _Pipe, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        # A raw command: redis-py's cluster pipeline refuses its evalsha() method (lest the
+        # script be missing on a node) but routes EVALSHA by its keys; _run reloads scripts.
+        pipe.execute_command("EVALSHA", _SCRIPTS[name].sha, len(keys), *keys, *args)
+
+    async def _load(self, tenant: str, ids: Sequence[str]) -> list[SessionRecord | None]:
+        """The records (without state) of these sessions, live or not; None where absent."""
+        results: list[Any] = []
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
+            results += await self._run(functools.partial(self._queue_load, tenant, chunk))
+        return [
+            None if values[6] is None else _record(tenant, sid, values, None)
+            for sid, values in zip(ids, results, strict=True)
+        ]
+
+    def _queue_load(self, tenant: str, ids: Sequence[str], pipe: _Pipe) -> None:
+        for sid in ids:
+            pipe.hmget(self._session_keys(tenant, sid)[0], _FIELDS)
+
+    async def _check_folder(self, tenant: str, folder_id: str | None, owner: str | None) -> None:
+        if folder_id is None:
+            return
+        name, folder_owner = await self._redis.hmget(
+            self._tenant(tenant).folder(folder_id), ["name", "owner"]
+        )
+        if name is None or folder_owner != owner:
+            raise NotFound(f"no folder {folder_id!r} of owner {owner!r}")
+
+    async def _restore_updated(
+        self, tenant: str, session_id: str, written: float, actual: str
+    ) -> None:
+        """On Cluster, undo the by-updated score that a write which changed nothing sent
+        beside its script."""
+        if self._options.cluster:
+            keys = [self._tenant(tenant).updated]
+            await self._eval("restore_updated", keys, [session_id, repr(written), actual])
+
+    # --- sessions ----------------------------------------------------------------------
+
+    @_hook
+    async def insert_session(self, record: SessionRecord, now: float) -> None:
+        r = record
+        assert r.state is not None  # the store always gives a new session its state
+        await self._check_folder(r.tenant, r.folder, r.owner)
+        pairs: list[str] = []
+        for name in _FIELDS:
+            value = getattr(r, name)
+            if value is not None:
+                pairs += [name, _text(value)]
+        expires = "" if r.expires_at is None else repr(r.expires_at)
+        args = [repr(now), expires, r.state, *pairs]
+        keys = self._session_keys(r.tenant, r.id)
+        # On Cluster the adds land even if a live session has the id: NX keeps its entries.
+        adds = self._insert_adds(r, "NX" if self._options.cluster else "")
+        stored = await self._write("insert", keys, args, adds)
+        if stored == 0:
+            raise AlreadyExists(f"session {r.id!r} already exists")
+        if stored == 2 and self._options.cluster:  # over an expired session, whose scores NX kept
+            await self._run(functools.partial(_queue_adds, self._insert_adds(r, "")))
+
+    def _insert_adds(self, r: SessionRecord, flag: str) -> list[_Add]:
+        t = self._tenant(r.tenant)
+        adds: list[_Add] = [
+            (t.created, flag, r.created_at, r.id),
+            (t.updated, flag, r.updated_at, r.id),
+            (t.owner(r.owner), flag, r.created_at, r.id),
+            (t.in_folder(r.folder), flag, r.created_at, r.id),
+            (t.status(r.status), flag, r.created_at, r.id),
+            (self._registry, "NX", 0.0, r.tenant),
+        ]
+        if r.expires_at is not None:
+            adds.append((t.expiry, flag, r.expires_at, r.id))
+        return adds
+
+    @_hook
+    async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
+        keys = self._session_keys(tenant, session_id)
+        found = await self._eval("get", keys, [repr(now), "1", "1"])
+        return None if found is None else _record(tenant, session_id, _unpack(found[0]), found[1])
+
+    @_hook
+    async def delete_session(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> None:
+        keys = self._session_keys(tenant, session_id)
+        reply = await self._eval("delete", keys, [repr(now), _version(expected_version)])
+        self._raise_for(reply, session_id, expected_version)
+        _, owner, folder, status = reply
+        t = self._tenant(tenant)
+        await self._run(lambda pipe: self._unindex(pipe, t, session_id, owner, folder, status))
+
+    @staticmethod
+    def _unindex(
+        pipe: _Pipe,
+        t: _Tenant,
+        session_id: str,
+        owner: str | None,
+        folder: str | None,
+        status: str | None,
+    ) -> None:
+        for key in (t.created, t.updated, t.expiry, t.owner(owner), t.in_folder(folder)):
+            pipe.zrem(key, session_id)
+        if status is not None:
+            pipe.zrem(t.status(status), session_id)
+
+    @staticmethod
+    def _raise_for(reply: list[Any], session_id: str, expected_version: int | None) -> None:
+        if reply[0] == "missing":
+            raise NotFound(f"no session {session_id!r}")
+        if reply[0] == "conflict":
+            assert expected_version is not None
+            raise VersionConflict(session_id, expected_version, int(reply[1]))
+
+    @_hook
+    async def change_session(
+        self, tenant: str, session_id: str, change: Change, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        # A read, rules.apply_change in Python (a merge patch must not run in Lua, whose
+        # cjson loses {} versus [] and big integers), then a compare-and-set on the version.
+        keys = self._session_keys(tenant, session_id)
+        with_state = change.has_state_patch or (change.want_state and change.state is None)
+        while True:
+            found = await self._eval("get", keys, [repr(now), "1" if with_state else "0", "0"])
+            if found is None:
+                raise NotFound(f"no session {session_id!r}")
+            state = found[1] if with_state else None
+            current = _record(tenant, session_id, _unpack(found[0]), state)
+            new, appended = rules.apply_change(current, change, now)
+            if "owner" in change.fields or "folder" in change.fields:
+                await self._check_folder(tenant, new.folder, new.owner)
+            args, adds = self._change_args(current, new, appended, now)
+            reply = await self._write("change", keys, args, adds)
+            if reply[0] == "ok":
+                new.expires_at = _float(reply[1]) if len(reply) > 1 else None
+                return new, appended
+            if reply[0] == "conflict":
+                await self._restore_updated(tenant, session_id, now, reply[2])
+                if change.expected_version is None:
+                    continue  # another write got in between: read again
+            self._raise_for(reply, session_id, change.expected_version)
+
+    def _change_args(
+        self, current: SessionRecord, new: SessionRecord, appended: list[MessageRecord], now: float
+    ) -> tuple[list[str], list[_Add]]:
+        """The change script's ARGV (the fields that differ, the state if it changed, the
+        appended messages with their seqs) and the index entries the change adds."""
+        set_pairs: list[str] = []
+        unset: list[str] = []
+        for name in _CHANGED:
+            value = getattr(new, name)
+            if value != getattr(current, name):
+                if value is None:
+                    unset.append(name)
+                else:
+                    set_pairs += [name, _text(value)]
+        state = "" if new.state is current.state or new.state is None else new.state
+        args = [repr(now), str(current.version), state, str(len(set_pairs) // 2), str(len(unset))]
+        args += set_pairs + unset
+        for m in appended:
+            text = _stored(
+                m.role, m.content, m.input_tokens, m.output_tokens, m.cost, m.metadata, m.created_at
+            )
+            args += [str(m.seq), f"{m.seq}{_SEP}{text}"]
+        # Every entry the session belongs in, whether it moved or not: re-adding is free,
+        # and it puts back one that a failure on Cluster left out.
+        t = self._tenant(current.tenant)
+        sid, created = current.id, current.created_at
+        adds: list[_Add] = [
+            (t.created, "", created, sid),
+            (t.updated, "", now, sid),
+            (t.owner(new.owner), "", created, sid),
+            (t.in_folder(new.folder), "", created, sid),
+            (t.status(new.status), "", created, sid),
+        ]
+        return args, adds
+
+    # --- messages ----------------------------------------------------------------------
+
+    @_hook
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageDraft],
+        now: float,
+        expected_version: int | None,
+    ) -> list[MessageRecord]:
+        tokens_in = tokens_out = 0
+        args = [repr(now), _version(expected_version), "", ""]
+        for d in messages:
+            tokens_in += d.input_tokens
+            tokens_out += d.output_tokens
+            text = _stored(
+                d.role, d.content, d.input_tokens, d.output_tokens, d.cost, d.metadata, now
+            )
+            args += [repr(d.cost), text]
+        args[2], args[3] = str(tokens_in), str(tokens_out)
+        keys = self._session_keys(tenant, session_id)
+        adds: list[_Add] = [(self._tenant(tenant).updated, "XX", now, session_id)]
+        reply = await self._write("append", keys, args, adds)
+        if reply[0] == "conflict":
+            await self._restore_updated(tenant, session_id, now, reply[2])
+        self._raise_for(reply, session_id, expected_version)
+        return rules.number_messages(session_id, int(reply[1]), messages, now)
+
+    async def _messages(
+        self, tenant: str, session_id: str, now: float, after: str, limit: int
+    ) -> list[MessageRecord] | None:
+        keys = self._session_keys(tenant, session_id)
+        found = await self._eval("messages", keys, [repr(now), after, str(limit)])
+        return None if found is None else [_message(session_id, m) for m in found]
+
+    @_hook
+    async def read_messages(
+        self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
+    ) -> list[MessageRecord] | None:
+        return await self._messages(tenant, session_id, now, str(after_seq), limit)
+
+    @_hook
+    async def last_messages(
+        self, tenant: str, session_id: str, now: float, limit: int
+    ) -> list[MessageRecord] | None:
+        return await self._messages(tenant, session_id, now, "", limit)
+
+    async def _trim(
+        self, name: str, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, Any]:
+        """Run the pop or clear script; returns the record after it and its last reply."""
+        keys = self._session_keys(tenant, session_id)
+        args = [repr(now), _version(expected_version)]
+        adds: list[_Add] = [(self._tenant(tenant).updated, "XX", now, session_id)]
+        reply = await self._write(name, keys, args, adds)
+        if reply[0] == "conflict":
+            await self._restore_updated(tenant, session_id, now, reply[2])
+        self._raise_for(reply, session_id, expected_version)
+        record = _record(tenant, session_id, _unpack(reply[1]), None)
+        if record.updated_at != now:  # a pop of an empty history changed nothing
+            await self._restore_updated(tenant, session_id, now, _text(record.updated_at))
+        return record, reply[2]
+
+    @_hook
+    async def pop_message(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, MessageRecord | None]:
+        record, popped = await self._trim("pop", tenant, session_id, now, expected_version)
+        return record, None if popped is None else _message(session_id, popped)
+
+    @_hook
+    async def clear_messages(
+        self, tenant: str, session_id: str, now: float, expected_version: int | None
+    ) -> tuple[SessionRecord, int]:
+        record, removed = await self._trim("clear", tenant, session_id, now, expected_version)
+        return record, int(removed)
+
+    # --- queries -----------------------------------------------------------------------
+
+    def _index(self, tenant: str, query: SessionQuery, counting: bool) -> _Index:
+        """The index a listing or count walks: the narrowest one its filters allow."""
+        t = self._tenant(tenant)
+        if query.folder_set:
+            return _Index(t.in_folder(query.folder), "created_at", "folder", query.folder)
+        if query.owner_set:
+            return _Index(t.owner(query.owner), "created_at", "owner", query.owner)
+        if query.status is not None and (counting or query.order_by == "created_at"):
+            return _Index(t.status(query.status), "created_at", "status", query.status)
+        by_updated = query.order_by == "updated_at" and not counting
+        if by_updated or (
+            counting
+            and query.created_since is None
+            and query.created_before is None
+            and (query.updated_since is not None or query.updated_before is not None)
+        ):
+            return _Index(t.updated, "updated_at")
+        return _Index(t.created, "created_at")
+
+    @staticmethod
+    def _bounds(index: _Index, query: SessionQuery) -> tuple[str, str]:
+        """The score range of ``index`` that the query's time filters leave."""
+        if index.score == "created_at":
+            since, before = query.created_since, query.created_before
+        else:
+            since, before = query.updated_since, query.updated_before
+        low = "-inf" if since is None else repr(since)
+        high = "+inf" if before is None else f"({before!r}"
+        if query.after_key is not None and index.score == query.order_by:
+            key = query.after_key  # ties with the cursor's key are skipped one by one
+            if query.descending and (before is None or key < before):
+                high = repr(key)
+            elif not query.descending and (since is None or key > since):
+                low = repr(key)
+        return low, high
+
+    async def _pages(
+        self, key: str, low: str, high: str, descending: bool
+    ) -> AsyncGenerator[list[tuple[str, float]], None]:
+        """The entries of ``key`` within the score range, page by page, in score order.
+
+        Each page resumes at the last score seen, skipping the entries tied with it that
+        were already seen, so entries removed meanwhile never make it skip others."""
+        start, end = (high, low) if descending else (low, high)
+        skip, anchor = 0, None
+        while True:
+            page = cast(
+                "list[tuple[str, float]]",
+                await self._redis.zrange(
+                    key,
+                    start,
+                    end,
+                    desc=descending,
+                    byscore=True,
+                    offset=skip,
+                    num=_BATCH,
+                    withscores=True,
+                ),
+            )
+            if page:
+                yield page
+            if len(page) < _BATCH:
+                return
+            last = page[-1][1]
+            tied = sum(1 for _, score in page if score == last)
+            skip = tied + (skip if anchor == last else 0)
+            start, anchor = repr(last), last
+
+    async def _check(
+        self,
+        tenant: str,
+        index: _Index,
+        entries: Sequence[tuple[str, float]],
+        query: SessionQuery,
+        now: float,
+        stale: dict[str, None],
+        moved: dict[str, float],
+    ) -> list[SessionRecord]:
+        """The live sessions among ``entries`` that match ``query``; see _sort_out."""
+        records = await self._load(tenant, [sid for sid, _ in entries])
+        return _sort_out(index, entries, records, query, now, stale, moved)
+
+    async def _repair(
+        self, tenant: str, index: _Index, stale: dict[str, None], moved: dict[str, float]
+    ) -> None:
+        """Fix what a walk found wrong in ``index``. A stale entry is removed, then checked
+        again, and put back if a write made it right meanwhile."""
+        if not stale and not moved:
+            return
+
+        def queue(pipe: _Pipe) -> None:
+            if moved:
+                pipe.zadd(index.key, moved, xx=True)
+            if stale:
+                pipe.zrem(index.key, *stale)
+
+        await self._run(queue)
+        if stale:
+            ids = list(stale)
+            back = {
+                r.id: getattr(r, index.score)
+                for r in await self._load(tenant, ids)
+                if r is not None and index.holds(r)
+            }
+            if back:
+                await self._redis.zadd(index.key, back)
+
+    async def _matching(
+        self, tenant: str, index: _Index, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        """Every live session in ``index`` (within the query's time range) that matches."""
+        low, high = self._bounds(index, query)
+        found: list[SessionRecord] = []
+        stale: dict[str, None] = {}
+        moved: dict[str, float] = {}
+        async with contextlib.aclosing(self._pages(index.key, low, high, False)) as pages:
+            async for page in pages:
+                found += await self._check(tenant, index, page, query, now, stale, moved)
+        await self._repair(tenant, index, stale, moved)
+        return found
+
+    @_hook
+    async def list_sessions(
+        self, tenant: str, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        index = self._index(tenant, query, counting=False)
+        if index.score != query.order_by:  # an owner's or folder's sessions, by updated_at
+            found = [
+                r
+                for r in await self._matching(tenant, index, query, now)
+                if rules.is_after_cursor(r, query)
+            ]
+        else:
+            found = await self._walk(tenant, index, query, now)
+        found.sort(key=lambda r: rules.sort_key(r, query), reverse=query.descending)
+        return found[: query.limit]
+
+    async def _walk(
+        self, tenant: str, index: _Index, query: SessionQuery, now: float
+    ) -> list[SessionRecord]:
+        """Walk an index scored by the listing's order until a page is full."""
+        low, high = self._bounds(index, query)
+        position = (
+            None
+            if query.after_key is None or query.after_id is None
+            else (query.after_key, query.after_id)
+        )
+        found: dict[str, SessionRecord] = {}
+        stale: dict[str, None] = {}
+        moved: dict[str, float] = {}
+        async with contextlib.aclosing(
+            self._pages(index.key, low, high, query.descending)
+        ) as pages:
+            async for page in pages:
+                if position is not None:  # skip what comes before the cursor, by the index
+                    page = [
+                        (sid, score)
+                        for sid, score in page
+                        if (
+                            (score, sid) < position if query.descending else (score, sid) > position
+                        )
+                    ]
+                for r in await self._check(tenant, index, page, query, now, stale, moved):
+                    if rules.is_after_cursor(r, query):
+                        found[r.id] = r
+                if len(found) >= query.limit:
+                    break
+        await self._repair(tenant, index, stale, moved)
+        return list(found.values())
+
+    @_hook
+    async def count_sessions(self, tenant: str, query: SessionQuery, now: float) -> int:
+        index = self._index(tenant, query, counting=True)
+        return len(await self._matching(tenant, index, query, now))
+
+    @_hook
+    async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
+        index = _Index(self._tenant(tenant).created, "created_at")
+        live = await self._matching(tenant, index, SessionQuery(), now)
+        statuses = Counter(r.status for r in live)
+        owners = Counter(r.owner for r in live)
+        ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
+        total = len(live)
+        return Stats(
+            total=total,
+            active=statuses["active"],
+            completed=statuses["completed"],
+            archived=statuses["archived"],
+            active_last_24h=sum(1 for r in live if r.updated_at >= since),
+            completion_rate=statuses["completed"] / total if total else 0.0,
+            messages=sum(r.message_count for r in live),
+            input_tokens=sum(r.input_tokens for r in live),
+            output_tokens=sum(r.output_tokens for r in live),
+            cost=sum(r.cost for r in live),
+            top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
+        )
+
+    # --- folders -----------------------------------------------------------------------
+
+    async def _counted(
+        self, tenant: str, folders: list[FolderRecord], now: float
+    ) -> list[FolderRecord]:
+        """The folders with their counts of live sessions, from their by-folder indexes."""
+        t = self._tenant(tenant)
+        indexes = [_Index(t.in_folder(f.id), "created_at", "folder", f.id) for f in folders]
+        members: list[list[tuple[str, float]]] = await self._run(
+            functools.partial(_queue_members, [index.key for index in indexes])
+        )
+        ids = list(dict.fromkeys(sid for entries in members for sid, _ in entries))
+        records = dict(zip(ids, await self._load(tenant, ids), strict=True))
+        everything = SessionQuery()
+        for folder, index, entries in zip(folders, indexes, members, strict=True):
+            stale: dict[str, None] = {}
+            moved: dict[str, float] = {}
+            found = [records[sid] for sid, _ in entries]
+            live = _sort_out(index, entries, found, everything, now, stale, moved)
+            await self._repair(tenant, index, stale, moved)
+            folder.session_count = len(live)
+        return folders
+
+    @_hook
+    async def insert_folder(self, record: FolderRecord) -> None:
+        t = self._tenant(record.tenant)
+        keys = [t.folder(record.id), t.folders, t.names]
+        has_owner = record.owner is not None
+        args = [
+            record.id,
+            record.name,
+            repr(record.created_at),
+            record.owner or "",
+            "1" if has_owner else "0",
+        ]
+        taken = await self._eval("insert_folder", keys, args)
+        if taken == "name":
+            raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
+        if taken == "id":
+            raise AlreadyExists(f"folder {record.id!r} already exists")
+
+    @_hook
+    async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
+        found = cast(
+            "dict[str, str]", await self._redis.hgetall(self._tenant(tenant).folder(folder_id))
+        )
+        if not found:
+            return None
+        record = FolderRecord(
+            tenant, folder_id, found.get("owner"), found["name"], float(found["created_at"])
+        )
+        return (await self._counted(tenant, [record], now))[0]
+
+    @_hook
+    async def rename_folder(
+        self, tenant: str, folder_id: str, name: str, now: float
+    ) -> FolderRecord:
+        t = self._tenant(tenant)
+        reply = await self._eval("rename_folder", [t.folder(folder_id), t.names], [folder_id, name])
+        if reply is None:
+            raise NotFound(f"no folder {folder_id!r}")
+        if reply[0] == "taken":
+            raise AlreadyExists(f"owner {reply[1]!r} already has a folder {name!r}")
+        record = FolderRecord(tenant, folder_id, reply[1], name, float(reply[2]))
+        return (await self._counted(tenant, [record], now))[0]
+
+    @_hook
+    async def list_folders(
+        self, tenant: str, owner: str | None, owner_set: bool, now: float
+    ) -> list[FolderRecord]:
+        t = self._tenant(tenant)
+        ids = sorted(cast("set[str]", await self._redis.smembers(t.folders)))
+        found: list[dict[str, str]] = await self._run(
+            lambda pipe: [pipe.hgetall(t.folder(i)) for i in ids]
+        )
+        folders = [
+            FolderRecord(tenant, i, f.get("owner"), f["name"], float(f["created_at"]))
+            for i, f in zip(ids, found, strict=True)
+            if f and (not owner_set or f.get("owner") == owner)
+        ]
+        folders.sort(key=lambda f: (f.owner or "", f.name, f.id))
+        return await self._counted(tenant, folders, now)
+
+    @_hook
+    async def delete_folder(
+        self,
+        tenant: str,
+        folder_id: str,
+        now: float,
+        reassign_to: str | None,
+        cascade: bool,
+    ) -> int:
+        t = self._tenant(tenant)
+        keys = [t.folder(folder_id), t.folders, t.names, t.in_folder(folder_id)]
+        keys.append(t.folder(reassign_to if reassign_to is not None else folder_id))
+        reply = await self._eval(
+            "delete_folder", keys, [folder_id, "0" if reassign_to is None else "1"]
+        )
+        if reply[0] == "missing":
+            raise NotFound(f"no folder {folder_id!r}")
+        if reply[0] == "target":
+            raise NotFound(f"no folder {reassign_to!r} of owner {reply[1]!r}")
+        members: list[str] = reply[1]
+        args = [repr(now), folder_id, reassign_to or "", "1" if cascade else "0"]
+        left: list[Any] = []
+        for start in range(0, len(members), _BATCH):
+            chunk = members[start : start + _BATCH]
+            left += await self._run(
+                functools.partial(self._queue_each, "leave_folder", tenant, chunk, args)
+            )
+
+        def queue(pipe: _Pipe) -> None:
+            for sid, reply in zip(members, left, strict=True):
+                if reply is None:
+                    continue
+                if reply[0] == "deleted":
+                    self._unindex(pipe, t, sid, reply[2], folder_id, reply[3])
+                else:
+                    pipe.zadd(t.in_folder(reassign_to), {sid: float(reply[2])})
+                    pipe.zadd(t.updated, {sid: now}, xx=True)
+
+        if any(reply is not None for reply in left):
+            await self._run(queue)
+        return sum(reply[1] for reply in left if reply is not None)
+
+    # --- expiry ------------------------------------------------------------------------
+
+    @_hook
+    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        if tenant is None:
+            tenants = cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
+        else:
+            tenants = [tenant]
+        purged = 0
+        for name in tenants:
+            t = self._tenant(name)
+            while purged < limit:
+                due = cast(
+                    "list[str]",
+                    await self._redis.zrange(
+                        t.expiry,
+                        "-inf",
+                        repr(now),
+                        byscore=True,
+                        offset=0,
+                        num=min(limit - purged, _BATCH),
+                    ),
+                )
+                if not due:
+                    break
+                replies = await self._run(
+                    functools.partial(self._queue_each, "purge", name, due, [repr(now)])
+                )
+                purged += sum(1 for reply in replies if reply[0] != "live")
+                await self._run(functools.partial(self._queue_purged, t, due, replies))
+        return purged
+
+    def _queue_purged(self, t: _Tenant, due: list[str], replies: list[Any], pipe: _Pipe) -> None:
+        """Index changes after a purge: entries of deleted sessions go, scores of sessions
+        renewed since their entry was written move up."""
+        for sid, reply in zip(due, replies, strict=True):
+            if reply[0] == "deleted":
+                self._unindex(pipe, t, sid, reply[1], reply[2], reply[3])
+            elif reply[0] == "gone":  # Redis expired it, or a delete is still cleaning up
+                for key in (t.created, t.updated, t.expiry):
+                    pipe.zrem(key, sid)
+            elif reply[1] is None:
+                pipe.zrem(t.expiry, sid)
+            else:
+                pipe.zadd(t.expiry, {sid: float(reply[1])}, xx=True)
+
+
+def _version(expected_version: int | None) -> str:
+    return "" if expected_version is None else str(expected_version)
