@@ -99,6 +99,7 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 _DEADLOCK_RETRIES = 3
+_IDLE_IN_TRANSACTION = 5  # server_timeouts a transaction may wait for its client
 
 # Statements take the schema's quoted name as {s}. Every text column that is compared or
 # sorted is COLLATE "C": code-point order, as the other engines sort, whatever the
@@ -591,6 +592,14 @@ class PostgresEngine(Engine):
             timeout=timeout,
             command_timeout=timeout,
             reset=_keep_session_state,
+            # A change holds its row lock across round trips; if this process freezes or
+            # its network is cut mid-transaction, the server ends the transaction (and
+            # frees the lock) after this, not whenever TCP notices, maybe hours later.
+            server_settings={
+                "idle_in_transaction_session_timeout": str(
+                    round(_IDLE_IN_TRANSACTION * timeout * 1000)
+                )
+            },
         )
         try:
             await pool
