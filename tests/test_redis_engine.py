@@ -1,0 +1,498 @@
+"""Redis-only facts: failures and recovery, fallback, durability, native TTL, key layout, indexes.
+
+Tests that stop, freeze or restart a server run a redis-server of their own on a free
+loopback port (no persistence); the rest use the shared server on 6379 under a key prefix of
+their own. Either way a test leaves no key and no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from sessionkeeper import (
+    BackendUnavailable,
+    FrozenClock,
+    InvalidInput,
+    NotFound,
+    SessionStore,
+    Settings,
+    open_store,
+)
+from sessionkeeper.engines.urls import engine_from_url
+from tests.contract.namespaces import drop_namespace
+
+pytestmark = pytest.mark.server
+
+SHARED = "redis://127.0.0.1:6379/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+class Server:
+    """A redis-server of the test's own, which the test may kill, freeze and restart."""
+
+    def __init__(self, folder: Path, *options: str) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is needed (Debian: redis-server)")
+        self.port = _free_port()
+        self.folder = folder
+        self.options = options
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def url(self, options: str = "") -> str:
+        return f"redis://127.0.0.1:{self.port}/0{'?' + options if options else ''}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.folder),
+                *self.options,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        client = SyncRedis(port=self.port, socket_timeout=1)
+        while True:
+            try:
+                client.ping()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def signal(self, number: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # in case a test left it frozen
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Starts servers of the test's own; stops every one of them afterwards."""
+    started: list[Server] = []
+
+    def start(*options: str) -> Server:
+        folder = tmp_path / f"redis-{len(started)}"
+        folder.mkdir()
+        started.append(Server(folder, *options))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+        assert server.process is not None
+        assert server.process.poll() is not None
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", server.port)) != 0, "the server still answers"
+
+
+@pytest.fixture
+def server(servers: Callable[..., Server]) -> Server:
+    return servers()
+
+
+@pytest.fixture
+async def shared() -> AsyncIterator[tuple[str, str]]:
+    """A key prefix of the test's own on the shared server, and its URL. Afterwards the
+    prefix is dropped, and no key of it may be left."""
+    prefix = f"sk_t_{secrets.token_hex(5)}:"
+    url = f"{SHARED}?prefix={prefix}"
+    yield url, prefix
+    await asyncio.to_thread(drop_namespace, url)
+    client = Redis.from_url(SHARED)
+    try:
+        assert [key async for key in client.scan_iter(match=f"{prefix}*")] == []
+    finally:
+        await client.aclose()
+
+
+def _store(url: str, clock: FrozenClock | None = None) -> SessionStore:
+    return open_store(url, settings=Settings(url=url), clock=clock or FrozenClock())
+
+
+# --- failures --------------------------------------------------------------------------
+
+
+async def test_a_server_that_goes_away_fails_fast_and_the_store_recovers(server: Server) -> None:
+    async with _store(server.url()) as store:
+        session = await store.create_session()
+        await store.append_message(session.id, "user", "hello")
+        server.kill()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.get_session(session.id),
+            lambda: store.append_message(session.id, "user", "lost"),
+            lambda: store.update_state(session.id, {"a": 1}),
+            lambda: store.list_sessions(),
+            lambda: store.create_session(),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                await call()
+            assert time.monotonic() - started < store.settings.server_timeout
+        server.start()  # on the same port, empty (no persistence), without our scripts
+        with pytest.raises(NotFound):
+            await store.get_session(session.id)
+        fresh = await store.create_session(state={"back": True})
+        assert (await store.append_message(fresh.id, "user", "again")).seq == 1
+        assert (await store.get_session(fresh.id)).state == {"back": True}
+
+
+async def test_a_server_that_stops_answering_times_out(server: Server) -> None:
+    async with _store(server.url()) as store:
+        session = await store.create_session()
+        server.signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="Timeout"):
+                await store.get_session(session.id)
+            elapsed = time.monotonic() - started
+        finally:
+            server.signal(signal.SIGCONT)
+        timeout = store.settings.server_timeout
+        assert timeout * 0.9 <= elapsed < timeout + 1.0
+        assert (await store.get_session(session.id)).id == session.id
+
+
+async def test_an_unreachable_server_fails_at_open() -> None:
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="cannot reach"):
+        async with _store(url):
+            pass
+    assert time.monotonic() - started < Settings().server_timeout
+
+
+async def test_fallback_memory_runs_on_memory_and_says_what_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0?fallback=memory"
+    with caplog.at_level(logging.WARNING, logger="sessionkeeper"):
+        async with _store(url) as store:
+            session = await store.create_session(state={"a": 1})
+            await store.append_message(session.id, "user", "kept in memory")
+            assert (await store.get_session(session.id)).state == {"a": 1}
+            assert await store.count_sessions() == 1
+    (warning,) = [r for r in caplog.records if r.name == "sessionkeeper"]
+    assert f"127.0.0.1:{port}" in warning.getMessage()
+    assert "lost when it exits" in warning.getMessage()
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("prefix=a&colour=red&size=2", "unknown option colour, size"),
+        ("prefix=a{b}", "prefix="),
+        ("prefix=", "prefix="),
+        ("prefix=a*", "prefix="),
+        ("cluster=yes", "cluster= must be true or false"),
+        ("durable=1", "durable= must be true or false"),
+        ("fallback=sqlite", "fallback= can only be memory"),
+        ("prefix=a&prefix=b", "prefix is given twice"),
+    ],
+)
+def test_bad_options_are_invalid_input(options: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as caught:
+        engine_from_url(f"{SHARED}?{options}", Settings())
+    assert caught.value.field == "url"
+
+
+def test_cluster_has_only_database_0() -> None:
+    with pytest.raises(InvalidInput, match="only database 0"):
+        engine_from_url("redis://127.0.0.1:6379/3?cluster=true", Settings())
+
+
+async def test_durable_warns_unless_every_write_is_fsynced(
+    servers: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = [
+        (servers(), "appendonly is off"),
+        (servers("--appendonly", "yes", "--appendfsync", "everysec"), "appendfsync is everysec"),
+        (servers("--appendonly", "yes", "--appendfsync", "always"), None),
+    ]
+    for server, expected in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sessionkeeper"):
+            async with _store(server.url("durable=true")) as store:
+                await store.create_session()
+        warnings = [r.getMessage() for r in caplog.records if r.name == "sessionkeeper"]
+        if expected is None:
+            assert warnings == []
+        else:
+            assert len(warnings) == 1
+            assert expected in warnings[0]
+            assert str(server.port) in warnings[0]
+
+
+# --- round trips -----------------------------------------------------------------------
+
+
+async def sent_by_clients(port: int, action: Callable[[], Awaitable[object]]) -> list[str]:
+    """The commands clients sent the server while ``action`` ran (MONITOR shows commands
+    run inside scripts apart, as from "lua")."""
+    watcher = Redis(port=port, decode_responses=True)
+    marker = Redis(port=port)
+    await marker.ping()  # connected before MONITOR starts, so its handshake is not seen
+    try:
+        async with watcher.monitor() as monitor:
+            await action()
+            await marker.echo("end-of-action")
+            sent: list[str] = []
+            while True:
+                command = await monitor.next_command()
+                if command["command"] == "ECHO end-of-action":
+                    return sent
+                if command["client_type"] != "lua":
+                    sent.append(command["command"].split()[0])
+    finally:
+        await watcher.aclose()
+        await marker.aclose()
+
+
+async def test_hot_operations_are_one_evalsha(server: Server) -> None:
+    async with _store(server.url()) as store:
+        session = await store.create_session()
+        await store.append_message(session.id, "user", "warm up")
+        port = server.port
+        assert await sent_by_clients(port, lambda: store.create_session()) == ["EVALSHA"]
+        assert await sent_by_clients(
+            port, lambda: store.append_message(session.id, "user", "hi")
+        ) == ["EVALSHA"]
+        assert await sent_by_clients(
+            port,
+            lambda: store.append_messages(
+                session.id, [{"role": "user"}, {"role": "assistant"}], expected_version=3
+            ),
+        ) == ["EVALSHA"]
+        assert await sent_by_clients(port, lambda: store.get_session(session.id)) == ["EVALSHA"]
+        assert await sent_by_clients(port, lambda: store.last_messages(session.id, 10)) == [
+            "EVALSHA"
+        ]
+        # A merge patch: a read, then a compare-and-set on the version.
+        assert await sent_by_clients(port, lambda: store.update_state(session.id, {"a": 1})) == [
+            "EVALSHA",
+            "EVALSHA",
+        ]
+
+
+# --- native TTL ------------------------------------------------------------------------
+
+
+def _keys(prefix: str, session_id: str, tenant: str = "default") -> list[str]:
+    tag = f"{prefix}{{{tenant}/{session_id}}}"
+    return [f"{tag}:meta", f"{tag}:state", f"{tag}:msgs"]
+
+
+async def test_every_key_of_a_session_expires_natively_when_it_does(
+    shared: tuple[str, str],
+) -> None:
+    url, prefix = shared
+    clock = FrozenClock(time.time())
+    client = Redis.from_url(SHARED)
+    try:
+        async with _store(url, clock) as store:
+            timed = await store.create_session(ttl=60)
+            await store.append_message(timed.id, "user", "hi")
+            for key in _keys(prefix, timed.id):
+                assert 59_000 < await client.pttl(key) <= 60_000
+
+            idle = await store.create_session(idle_ttl=30)
+            await store.append_message(idle.id, "user", "hi")
+            clock.advance(20)
+            await store.get_session(idle.id)  # renewed to now + 30 = 50 s from the start
+            for key in _keys(prefix, idle.id):
+                assert 49_000 < await client.pttl(key) <= 50_000
+
+            forever = await store.create_session()
+            await store.append_message(forever.id, "user", "hi")
+            assert {await client.pttl(key) for key in _keys(prefix, forever.id)} == {-1}
+    finally:
+        await client.aclose()
+
+
+async def test_an_expiry_already_past_on_the_server_clock_sets_no_ttl(
+    shared: tuple[str, str],
+) -> None:
+    url, prefix = shared
+    clock = FrozenClock(time.time() - 3600)  # an hour behind the server
+    client = Redis.from_url(SHARED)
+    try:
+        async with _store(url, clock) as store:
+            session = await store.create_session(ttl=60)
+            assert {await client.pttl(key) for key in _keys(prefix, session.id)[:2]} == {-1}
+            clock.advance(60)
+            with pytest.raises(NotFound):
+                await store.get_session(session.id)
+            assert await store.purge_expired() == 1
+        # Only the registry of tenants is left, so that purging every tenant finds this one.
+        assert [key async for key in client.scan_iter(match=f"{prefix}*")] == [
+            f"{prefix}tenants".encode()
+        ]
+    finally:
+        await client.aclose()
+
+
+# --- key layout and indexes ------------------------------------------------------------
+
+
+async def _all_keys(client: Redis, prefix: str) -> list[str]:
+    return sorted([key async for key in client.scan_iter(match=f"{prefix}*")])
+
+
+async def test_keys_of_a_session_share_a_slot_and_indexes_live_in_the_tenant_slot(
+    shared: tuple[str, str],
+) -> None:
+    url, prefix = shared
+    client = Redis.from_url(SHARED, decode_responses=True)
+    try:
+        async with _store(url) as store:
+            folder = await store.create_folder("Work", owner="ann")
+            session = await store.create_session(owner="ann", folder=folder.id, ttl=60)
+            await store.append_message(session.id, "user", "hi")
+        keys = await _all_keys(client, prefix)
+        mine = _keys(prefix, session.id)
+        assert set(mine) <= set(keys)
+        assert len({key_slot(k.encode()) for k in mine}) == 1
+        tenant_keys = [k for k in keys if k.startswith(f"{prefix}{{default}}")]
+        assert len({key_slot(k.encode()) for k in tenant_keys}) == 1
+        assert key_slot(tenant_keys[0].encode()) != key_slot(mine[0].encode())
+        assert set(keys) == {*mine, *tenant_keys, f"{prefix}tenants"}
+    finally:
+        await client.aclose()
+
+
+async def test_listings_skip_and_remove_stale_entries(shared: tuple[str, str]) -> None:
+    url, prefix = shared
+    client = Redis.from_url(SHARED, decode_responses=True)
+    by_owner = f"{prefix}{{default}}:by-owner:=ann"
+    try:
+        async with _store(url) as store:
+            kept = await store.create_session(session_id="kept", owner="ann")
+            await store.create_session(session_id="gone", owner="ann")
+            await store.create_session(session_id="moved", owner="ann")
+            await client.delete(*_keys(prefix, "gone"))  # as if its index cleanup never ran
+            await client.hset(_keys(prefix, "moved")[0], "owner", "bob")
+
+            page = await store.list_sessions(owner="ann")
+            assert [s.id for s in page.items] == [kept.id]
+            assert await store.count_sessions(owner="ann") == 1
+            assert await client.zrange(by_owner, 0, -1) == ["kept"]
+            assert await store.count_sessions() == 2
+            assert await client.zscore(f"{prefix}{{default}}:by-created", "gone") is None
+
+            # An entry a failure left out comes back with the session's next change.
+            assert await store.count_sessions(owner="bob") == 0
+            await store.update_session("moved", title="touched")
+            assert [s.id for s in (await store.list_sessions(owner="bob")).items] == ["moved"]
+    finally:
+        await client.aclose()
+
+
+async def test_purge_leaves_the_indexes_exact(shared: tuple[str, str]) -> None:
+    url, prefix = shared
+    clock = FrozenClock()
+    client = Redis.from_url(SHARED, decode_responses=True)
+    try:
+        async with _store(url, clock) as store:
+            folder = await store.create_folder("Work", owner="ann")
+            survivors = set()
+            for i in range(12):
+                # never expires; idle 5 s within 20 s; 8 s; 8 s
+                ttl, idle_ttl = [(None, None), (20, 5), (8, None), (8, None)][i % 4]
+                session = await store.create_session(
+                    owner=["ann", "bob", None][i % 3],
+                    folder=folder.id if i % 3 == 0 else None,
+                    status="completed" if i % 2 else "active",
+                    ttl=ttl,
+                    idle_ttl=idle_ttl,
+                )
+                await store.append_message(session.id, "user", f"m{i}")
+                if ttl is None or idle_ttl is not None:
+                    survivors.add(session.id)
+            clock.advance(4)
+            for summary in (await store.list_sessions(limit=100)).items:
+                if summary.idle_ttl is not None:  # renewed to 9 s; the index still says 5 s
+                    await store.get_session(summary.id)
+            clock.advance(4.5)
+            assert await store.purge_expired(batch_size=2) == 12 - len(survivors)
+            for key in await _all_keys(client, f"{prefix}{{default}}:by-"):
+                assert set(await client.zrange(key, 0, -1)) <= survivors, key
+            session_keys = [k for k in await _all_keys(client, prefix) if "{default/" in k]
+            assert {k.split("/")[1].split("}")[0] for k in session_keys} == survivors
+            assert await store.count_sessions() == len(survivors)
+    finally:
+        await client.aclose()
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def _use_after_fork(store: SessionStore, queue: multiprocessing.Queue[str]) -> None:
+    try:
+        asyncio.run(store.count_sessions())
+    except BackendUnavailable as exc:
+        queue.put(str(exc))
+    else:
+        queue.put("used the parent's store")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_a_store_is_never_reused_across_fork(shared: tuple[str, str]) -> None:
+    url, _ = shared
+    context = multiprocessing.get_context("fork")
+    async with _store(url) as store:
+        await store.create_session()
+        queue: multiprocessing.Queue[str] = context.Queue()
+        child = context.Process(target=_use_after_fork, args=(store, queue))
+        child.start()
+        child.join(30)
+        assert "before fork" in queue.get(timeout=5)
+        assert await store.count_sessions() == 1
