@@ -28,11 +28,12 @@ __all__ = ["ENGINE_URLS", "SERVER_ENGINES", "SHARED_ENGINES", "redis_cluster"]
 ENGINE_URLS: dict[str, str] = {
     "memory": "memory://",
     "sqlite": "sqlite:///{tmp}/store.db",
+    "postgresql": "postgresql://127.0.0.1:5432/test?schema={ns}",
 }
-SERVER_ENGINES: set[str] = set()
+SERVER_ENGINES: set[str] = {"postgresql"}
 # Engines whose data other processes see and that keep it when the store is reopened.
 # Tests use this as a capability ("run the writers as processes"), never as an engine name.
-SHARED_ENGINES: set[str] = {"sqlite"}
+SHARED_ENGINES: set[str] = {"sqlite", "postgresql"}
 
 
 def engine_params() -> list[object]:

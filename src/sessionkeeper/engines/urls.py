@@ -42,10 +42,18 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
+def _postgres(url: str, settings: Settings) -> Engine:
+    from .postgres import PostgresEngine
+
+    return PostgresEngine(url, settings)
+
+
 #: scheme -> (factory, the extra that installs its driver, or None if it needs none)
 ENGINES: dict[str, tuple[Callable[[str, Settings], Engine], str | None]] = {
     "memory": (_memory, None),
     "sqlite": (_sqlite, None),
+    "postgresql": (_postgres, "postgres"),
+    "postgres": (_postgres, "postgres"),
 }
 
 
