@@ -13,6 +13,8 @@ import re
 import secrets
 from typing import Any
 
+import orjson
+
 from .errors import InvalidInput, VersionConflict
 from .models import Change, MessageDraft, MessageRecord, SessionQuery, SessionRecord
 
@@ -24,6 +26,7 @@ __all__ = [
     "check_id",
     "check_version",
     "decode_cursor",
+    "decode_json",
     "encode_cursor",
     "encode_json",
     "initial_expiry",
@@ -42,6 +45,7 @@ __all__ = [
 ID_PATTERN = re.compile(r"[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}", re.ASCII)
 ID_BYTES = 18  # 144 bits of randomness, 24 URL-safe characters
 
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what JSON libraries round-trip exactly
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -101,7 +105,11 @@ def _check_tree(value: Any, field: str, max_depth: int) -> None:
 
 
 def _check_scalar(value: Any, field: str) -> None:
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidInput(field, "integers must fit in 64 bits")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -110,23 +118,24 @@ def _check_scalar(value: Any, field: str) -> None:
     raise InvalidInput(field, f"{type(value).__name__} is not a JSON value")
 
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
 def encode_json(value: Any, field: str, max_bytes: int, max_depth: int) -> str:
     """Serialise a JSON value compactly after checking its types, depth and size."""
     if not isinstance(value, str):
         if isinstance(value, dict) and not value:
             return "{}"
         _check_tree(value, field, max_depth)
-    text = _encode(value)
     try:
-        size = len(text) if text.isascii() else len(text.encode())
-    except UnicodeEncodeError:
+        data = orjson.dumps(value)
+    except TypeError:  # the tree is checked, so only a string can fail: a lone surrogate
         raise InvalidInput(field, "strings must be valid Unicode (no lone surrogates)") from None
-    if size > max_bytes:
-        raise InvalidInput(field, f"is {size} bytes as JSON, over the limit of {max_bytes}")
-    return text
+    if len(data) > max_bytes:
+        raise InvalidInput(field, f"is {len(data)} bytes as JSON, over the limit of {max_bytes}")
+    return data.decode()
+
+
+def decode_json(text: str) -> Any:
+    """Parse JSON text that ``encode_json`` made (or an engine stored)."""
+    return orjson.loads(text)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -200,7 +209,7 @@ def apply_change(
     if change.state is not None:
         new.state = change.state
     elif change.has_state_patch:
-        current = json.loads(record.state) if record.state is not None else {}
+        current = decode_json(record.state) if record.state is not None else {}
         merged = merge_patch(current, change.state_patch)
         new.state = encode_json(merged, "state", change.max_state_bytes, change.max_depth)
     return new, appended

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         262_144, gt=0, description="Largest message (content and metadata), as UTF-8 JSON"
     )
     max_metadata_bytes: int = Field(65_536, gt=0, description="Largest session metadata")
-    max_depth: int = Field(32, gt=0, le=1000, description="Deepest nesting of any JSON value")
+    max_depth: int = Field(32, gt=0, le=200, description="Deepest nesting of any JSON value")
     max_messages_per_append: int = Field(1000, gt=0, description="Most messages in one call")
     max_title_length: int = Field(500, gt=0, description="Longest title, in characters")
     max_page_size: int = Field(1000, gt=0, description="Largest page a listing or read returns")

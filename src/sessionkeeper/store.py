@@ -8,7 +8,6 @@ SQL or Redis: that is the engine's job.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -156,7 +155,7 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def _load_object(text: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = {} if text == "{}" else json.loads(text)
+    loaded: dict[str, Any] = {} if text == "{}" else rules.decode_json(text)
     return loaded
 
 
@@ -202,7 +201,7 @@ def _message(r: MessageRecord, content: Any = None, has_content: bool = False) -
             "session_id": r.session_id,
             "seq": r.seq,
             "role": r.role,
-            "content": content if has_content else json.loads(r.content),
+            "content": content if has_content else rules.decode_json(r.content),
             "input_tokens": r.input_tokens,
             "output_tokens": r.output_tokens,
             "cost": r.cost,

@@ -46,6 +46,7 @@ async def test_the_longest_id_and_every_allowed_character_pass(store: SessionSto
         ({"state": {"x": object()}}, "state"),
         ({"state": {1: "non-string key"}}, "state"),
         ({"state": {"a": "\ud800"}}, "state"),
+        ({"state": {"n": 2**64}}, "state"),
         ({"metadata": {"a": "lone \udfff surrogate"}}, "metadata"),
         ({"metadata": ["no"]}, "metadata"),
         ({"status": "deleted"}, "status"),
