@@ -48,12 +48,20 @@ def _postgres(url: str, settings: Settings) -> Engine:
     return PostgresEngine(url, settings)
 
 
+def _redis(url: str, settings: Settings) -> Engine:
+    from .redis import RedisEngine
+
+    return RedisEngine(url, settings)
+
+
 #: scheme -> (factory, the extra that installs its driver, or None if it needs none)
 ENGINES: dict[str, tuple[Callable[[str, Settings], Engine], str | None]] = {
     "memory": (_memory, None),
     "sqlite": (_sqlite, None),
     "postgresql": (_postgres, "postgres"),
     "postgres": (_postgres, "postgres"),
+    "redis": (_redis, "redis"),
+    "rediss": (_redis, "redis"),
 }
 
 
