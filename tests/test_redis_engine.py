@@ -380,6 +380,23 @@ async def test_an_expiry_already_past_on_the_server_clock_sets_no_ttl(
         await client.aclose()
 
 
+async def test_purge_cleans_up_after_sessions_redis_dropped(shared: tuple[str, str]) -> None:
+    url, prefix = shared
+    clock = FrozenClock()
+    client = Redis.from_url(SHARED)
+    try:
+        async with _store(url, clock) as store:
+            dropped = await store.create_session(owner="ann", ttl=10)
+            await store.append_message(dropped.id, "user", "hi")
+            await client.delete(*_keys(prefix, dropped.id))  # what Redis does at its TTL
+            clock.advance(10)
+            assert await store.purge_expired() == 0  # Redis deleted it, not purge
+        left = [key async for key in client.scan_iter(match=f"{prefix}{{default}}:*")]
+        assert left == [], "its index entries, found through the entries hash, are gone"
+    finally:
+        await client.aclose()
+
+
 # --- key layout and indexes ------------------------------------------------------------
 
 
@@ -465,6 +482,7 @@ async def test_purge_leaves_the_indexes_exact(shared: tuple[str, str]) -> None:
             assert await store.purge_expired(batch_size=2) == 12 - len(survivors)
             for key in await _all_keys(client, f"{prefix}{{default}}:by-"):
                 assert set(await client.zrange(key, 0, -1)) <= survivors, key
+            assert set(await client.hkeys(f"{prefix}{{default}}:entries")) == survivors
             session_keys = [k for k in await _all_keys(client, prefix) if "{default/" in k]
             assert {k.split("/")[1].split("}")[0] for k in session_keys} == survivors
             assert await store.count_sessions() == len(survivors)

@@ -16,6 +16,8 @@ Cross-session indexes live under the tenant's own hash tag ``{t}``, one slot per
     P{t}:by-owner:-|=<o>     zset id -> created_at, per owner (``-`` for None)
     P{t}:by-folder:-|=<f>    zset id -> created_at, per folder (``-`` for no folder)
     P{t}:by-status:<s>       zset id -> created_at, per status
+    P{t}:entries             hash id -> the session's owner, folder and status: where its
+                             entries are, even after Redis dropped the session itself
     P{t}:folder:<f>          hash: a folder's owner, name, created_at
     P{t}:folders             set of folder ids
     P{t}:folder-names        hash "<owner><name>" -> folder id: names unique per owner
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
@@ -89,16 +91,19 @@ __all__ = ["RedisEngine"]
 P = ParamSpec("P")
 T = TypeVar("T")
 _Pipe = Pipeline | ClusterPipeline
-# An index entry a write adds: the index's key, the ZADD flag ("NX", "XX" or ""), score
-# and member.
-_Add = tuple[str, str, float, str]
+# An index entry a write adds: the key, how ("NX", "XX" or "" for ZADD with a float score;
+# "HSET" or "HSETNX" for a hash field with a text value), the score or value, the member.
+_Add = tuple[str, str, float | str, str]
 
 _log = logging.getLogger("sessionkeeper")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_:.\-]{1,64}")
 _OPTIONS = ("prefix", "cluster", "fallback", "durable")
 _BATCH = 500  # index entries read, and metas fetched, per round trip
-_SEP = "\x1f"  # between the fields of a stored message; JSON text never holds it raw
+# Separators: between the fields of a stored message, and between messages in a reply.
+# JSON text never holds either raw, and the store allows no control characters in roles.
+_SEP = "\x1f"
+_RS = "\x1e"
 
 # The meta hash's fields, in the order scripts return them and _record reads them.
 _FIELDS = (
@@ -133,8 +138,8 @@ _CHANGED = tuple(
 # --- Lua --------------------------------------------------------------------------------
 # Session scripts take KEYS = meta, state, msgs of one session (one slot) and ARGV[1] = now.
 # A writing script may also take index entries to add when it writes: on one server (where
-# a script may touch any key) KEYS[4..] are index zsets, and the last three ARGV per index
-# are the ZADD flag ('NX', 'XX' or ''), score and member. LAST is the script's own last ARGV.
+# a script may touch any key) KEYS[4..] are index keys, and the last three ARGV per key are
+# how (see _Add), the score or value, and the member. LAST is the script's own last ARGV.
 
 _LUA_SESSION = r"""
 local META, STATE, MSGS = KEYS[1], KEYS[2], KEYS[3]
@@ -144,10 +149,13 @@ local LAST = #ARGV - 3 * (#KEYS - 3)
 local function index()
   for i = 4, #KEYS do
     local at = LAST + 3 * (i - 4)
-    if ARGV[at + 1] == '' then
-      redis.call('ZADD', KEYS[i], ARGV[at + 2], ARGV[at + 3])
+    local how, value, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+    if how == 'HSET' or how == 'HSETNX' then
+      redis.call(how, KEYS[i], member, value)
+    elseif how == '' then
+      redis.call('ZADD', KEYS[i], value, member)
     else
-      redis.call('ZADD', KEYS[i], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3])
+      redis.call('ZADD', KEYS[i], how, value, member)
     end
   end
 end
@@ -285,13 +293,19 @@ return {record(m)}
 """
 )
 
-# ARGV: now, after_seq ('' for the newest), limit. Replies nil, or the stored messages.
+# ARGV: now, after_seq ('' for the newest), limit. Replies nil, or the stored messages
+# joined by \030 (one string: cheaper to parse than an array).
 _MESSAGES = r"""
 local m = live(now, {'idle_ttl', 'deadline'})
 if not m then return false end
 touch(m, now)
-if ARGV[2] == '' then return redis.call('ZRANGE', MSGS, -tonumber(ARGV[3]), -1) end
-return redis.call('ZRANGE', MSGS, '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[3])
+local found
+if ARGV[2] == '' then
+  found = redis.call('ZRANGE', MSGS, -tonumber(ARGV[3]), -1)
+else
+  found = redis.call('ZRANGE', MSGS, '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[3])
+end
+return table.concat(found, '\030')
 """
 
 # The hot path. ARGV: now, expected version or '', input and output token sums, then per
@@ -413,7 +427,7 @@ return {'live', m[2]}
 
 # A member of a deleted folder. ARGV: now, the folder, the folder to move to ('' for none),
 # '1' to delete the session instead. Replies nil if the session is not in that folder, else
-# {'moved', 1 if live, created_at} or {'deleted', 1 if live, owner, status}.
+# {'moved', 1 if live, created_at, owner, status} or {'deleted', 1 if live, owner, status}.
 _LEAVE_FOLDER = r"""
 local m = redis.call('HMGET', META, 'version', 'folder', 'expires_at', 'owner', 'status',
   'created_at')
@@ -430,7 +444,7 @@ else
   redis.call('HSET', META, 'folder', ARGV[3])
 end
 redis.call('HSET', META, 'version', int(tonumber(m[1]) + 1), 'updated_at', ARGV[1])
-return {'moved', alive, m[6]}
+return {'moved', alive, m[6], m[4], m[5]}
 """
 
 # Tenant scripts: every key under the tenant's hash tag. A folder name's key in
@@ -680,16 +694,27 @@ def _member_key(value: str | None) -> str:
     return "-" if value is None else f"={value}"
 
 
+def _entry(owner: str | None, folder: str | None, status: str) -> str:
+    """What the entries hash records of a session: where its index entries are."""
+    return _SEP.join((_member_key(owner), _member_key(folder), status))
+
+
+def _from_entry(text: str) -> tuple[str | None, str | None, str]:
+    owner, folder, status = text.split(_SEP)
+    return (None if owner == "-" else owner[1:]), (None if folder == "-" else folder[1:]), status
+
+
 class _Tenant:
     """The keys of one tenant's indexes and folders, all in the tenant's slot."""
 
-    __slots__ = ("created", "expiry", "folders", "names", "tag", "updated")
+    __slots__ = ("created", "entries", "expiry", "folders", "names", "tag", "updated")
 
     def __init__(self, prefix: str, tenant: str) -> None:
         self.tag = f"{prefix}{{{tenant}}}"
         self.created = f"{self.tag}:by-created"
         self.updated = f"{self.tag}:by-updated"
         self.expiry = f"{self.tag}:by-expiry"
+        self.entries = f"{self.tag}:entries"
         self.folders = f"{self.tag}:folders"
         self.names = f"{self.tag}:folder-names"
 
@@ -745,8 +770,13 @@ def _sort_out(
 
 
 def _queue_adds(adds: Sequence[_Add], pipe: _Pipe) -> None:
-    for key, flag, score, member in adds:
-        pipe.zadd(key, {member: score}, nx=flag == "NX", xx=flag == "XX")
+    for key, how, value, member in adds:
+        if how == "HSET":
+            pipe.hset(key, member, str(value))
+        elif how == "HSETNX":
+            pipe.hsetnx(key, member, str(value))
+        else:
+            pipe.zadd(key, {member: float(value)}, nx=how == "NX", xx=how == "XX")
 
 
 def _queue_members(keys: list[str], pipe: _Pipe) -> None:
@@ -818,7 +848,8 @@ class RedisEngine(Engine):
         self._client: Redis | RedisCluster | None = None
         self._fallback: MemoryEngine | None = None
         self._forked = False
-        # At most pool_size operations at once, so no node is asked for more connections.
+        # At most pool_size operations at once, so no node is asked for more connections
+        # (a pipeline to several nodes takes one connection on each).
         self._slots = asyncio.Semaphore(settings.pool_size)
 
     # --- plumbing ----------------------------------------------------------------------
@@ -832,14 +863,12 @@ class RedisEngine(Engine):
             # No retries: a failure reaches the caller within server_timeout.
             "retry": Retry(NoBackoff(), 0),
         }
+        # _hook lets at most pool_size operations run at once, so a pool never runs dry.
         if self._options.cluster:
             return RedisCluster.from_url(
                 self._options.url, max_connections=self.settings.pool_size, **common
             )
-        pool = BlockingConnectionPool.from_url(
-            self._options.url, max_connections=self.settings.pool_size, timeout=timeout, **common
-        )
-        return Redis.from_pool(pool)
+        return Redis.from_url(self._options.url, max_connections=self.settings.pool_size, **common)
 
     async def open(self) -> None:
         if self._client is not None or self._fallback is not None:
@@ -972,7 +1001,7 @@ class RedisEngine(Engine):
         whatever the script does, so each add must be harmless if the write fails.
         """
         if not self._options.cluster:
-            tail = [x for _, flag, score, member in adds for x in (flag, repr(score), member)]
+            tail = [x for _, how, value, member in adds for x in (how, _text(value), member)]
             return await self._eval(name, [*keys, *(add[0] for add in adds)], [*args, *tail])
 
         def queue(pipe: _Pipe) -> None:
@@ -1058,6 +1087,7 @@ class RedisEngine(Engine):
             (t.owner(r.owner), flag, r.created_at, r.id),
             (t.in_folder(r.folder), flag, r.created_at, r.id),
             (t.status(r.status), flag, r.created_at, r.id),
+            (t.entries, f"HSET{flag}", _entry(r.owner, r.folder, r.status), r.id),
             (self._registry, "NX", 0.0, r.tenant),
         ]
         if r.expires_at is not None:
@@ -1083,17 +1113,19 @@ class RedisEngine(Engine):
 
     @staticmethod
     def _unindex(
-        pipe: _Pipe,
-        t: _Tenant,
-        session_id: str,
-        owner: str | None,
-        folder: str | None,
-        status: str | None,
+        pipe: _Pipe, t: _Tenant, session_id: str, owner: str | None, folder: str | None, status: str
     ) -> None:
-        for key in (t.created, t.updated, t.expiry, t.owner(owner), t.in_folder(folder)):
+        """Queue the removal of every index entry of a session that is gone."""
+        for key in (
+            t.created,
+            t.updated,
+            t.expiry,
+            t.owner(owner),
+            t.in_folder(folder),
+            t.status(status),
+        ):
             pipe.zrem(key, session_id)
-        if status is not None:
-            pipe.zrem(t.status(status), session_id)
+        pipe.hdel(t.entries, session_id)
 
     @staticmethod
     def _raise_for(reply: list[Any], session_id: str, expected_version: int | None) -> None:
@@ -1163,7 +1195,10 @@ class RedisEngine(Engine):
             (t.owner(new.owner), "", created, sid),
             (t.in_folder(new.folder), "", created, sid),
             (t.status(new.status), "", created, sid),
+            (t.entries, "HSET", _entry(new.owner, new.folder, new.status), sid),
         ]
+        if new.expires_at is not None:  # at most the expiry the script renews to
+            adds.append((t.expiry, "", new.expires_at, sid))
         return args, adds
 
     # --- messages ----------------------------------------------------------------------
@@ -1200,7 +1235,9 @@ class RedisEngine(Engine):
     ) -> list[MessageRecord] | None:
         keys = self._session_keys(tenant, session_id)
         found = await self._eval("messages", keys, [repr(now), after, str(limit)])
-        return None if found is None else [_message(session_id, m) for m in found]
+        if found is None:
+            return None
+        return [_message(session_id, m) for m in found.split(_RS)] if found else []
 
     @_hook
     async def read_messages(
@@ -1561,8 +1598,10 @@ class RedisEngine(Engine):
                 if reply[0] == "deleted":
                     self._unindex(pipe, t, sid, reply[2], folder_id, reply[3])
                 else:
-                    pipe.zadd(t.in_folder(reassign_to), {sid: float(reply[2])})
+                    _, _, created, owner, status = reply
+                    pipe.zadd(t.in_folder(reassign_to), {sid: float(created)})
                     pipe.zadd(t.updated, {sid: now}, xx=True)
+                    pipe.hset(t.entries, sid, _entry(owner, reassign_to, status))
 
         if any(reply is not None for reply in left):
             await self._run(queue)
@@ -1572,6 +1611,9 @@ class RedisEngine(Engine):
 
     @_hook
     async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+        # Candidates come from by-expiry, whose scores may lag: a session renewed since is
+        # only moved up. Entries of sessions Redis already dropped are cleaned up but not
+        # counted: purge did not delete those.
         if tenant is None:
             tenants = cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
         else:
@@ -1593,20 +1635,37 @@ class RedisEngine(Engine):
                 )
                 if not due:
                     break
-                replies = await self._run(
-                    functools.partial(self._queue_each, "purge", name, due, [repr(now)])
+                *replies, entries = await self._run(
+                    functools.partial(self._queue_purge, name, t, due, now)
                 )
-                purged += sum(1 for reply in replies if reply[0] != "live")
-                await self._run(functools.partial(self._queue_purged, t, due, replies))
+                purged += sum(1 for reply in replies if reply[0] == "deleted")
+                await self._run(functools.partial(self._queue_purged, t, due, replies, entries))
         return purged
 
-    def _queue_purged(self, t: _Tenant, due: list[str], replies: list[Any], pipe: _Pipe) -> None:
-        """Index changes after a purge: entries of deleted sessions go, scores of sessions
-        renewed since their entry was written move up."""
-        for sid, reply in zip(due, replies, strict=True):
+    def _queue_purge(
+        self, tenant: str, t: _Tenant, due: list[str], now: float, pipe: _Pipe
+    ) -> None:
+        """The purge script for each candidate, and what the entries hash knows of them."""
+        self._queue_each("purge", tenant, due, [repr(now)], pipe)
+        pipe.hmget(t.entries, due)
+
+    def _queue_purged(
+        self,
+        t: _Tenant,
+        due: list[str],
+        replies: list[Any],
+        entries: list[str | None],
+        pipe: _Pipe,
+    ) -> None:
+        """Index changes after a purge: every entry of a deleted session goes (found through
+        the entries hash if Redis dropped it first), and the by-expiry score of a session
+        renewed since its entry was written moves up."""
+        for sid, reply, entry in zip(due, replies, entries, strict=True):
             if reply[0] == "deleted":
                 self._unindex(pipe, t, sid, reply[1], reply[2], reply[3])
-            elif reply[0] == "gone":  # Redis expired it, or a delete is still cleaning up
+            elif reply[0] == "gone" and entry is not None:
+                self._unindex(pipe, t, sid, *_from_entry(entry))
+            elif reply[0] == "gone":  # no record of where its entries are
                 for key in (t.created, t.updated, t.expiry):
                     pipe.zrem(key, sid)
             elif reply[1] is None:
