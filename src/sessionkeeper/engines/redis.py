@@ -41,10 +41,12 @@ Indexes are candidates, never the truth: listings and counts read each candidate
   them again and puts back any that a write made right meanwhile, and fixes wrong scores.
 - by-expiry scores only lag (idle renewal never writes them); purge moves them up.
 
-So on one server the indexes are exact after every operation, and extra entries exist only
-between a delete and its cleanup. On Cluster, an index node that fails while a write's
-script succeeds leaves that entry out (the caller sees BackendUnavailable), and listings
-cannot see what is missing: the session's next change re-adds all of its entries.
+So on one server an index never misses a session that belongs in it, and its scores are
+exact; it may hold extra entries (a deleted session before its cleanup, a session a change
+moved to another owner, folder or status), which cost a read and are then dropped. On
+Cluster, an index node that fails while a write's script succeeds leaves that entry out
+(the caller sees BackendUnavailable) and listings cannot see what is missing: the
+session's next change re-adds all of its entries.
 """
 
 from __future__ import annotations
