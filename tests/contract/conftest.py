@@ -29,11 +29,13 @@ ENGINE_URLS: dict[str, str] = {
     "memory": "memory://",
     "sqlite": "sqlite:///{tmp}/store.db",
     "postgresql": "postgresql://127.0.0.1:5432/test?schema={ns}",
+    "redis": "redis://127.0.0.1:6379/0?prefix={ns}:",
+    "redis-cluster": "redis://{cluster}/0?cluster=true&prefix={ns}:",
 }
-SERVER_ENGINES: set[str] = {"postgresql"}
+SERVER_ENGINES: set[str] = {"postgresql", "redis", "redis-cluster"}
 # Engines whose data other processes see and that keep it when the store is reopened.
 # Tests use this as a capability ("run the writers as processes"), never as an engine name.
-SHARED_ENGINES: set[str] = {"sqlite", "postgresql"}
+SHARED_ENGINES: set[str] = {"sqlite", "postgresql", "redis", "redis-cluster"}
 
 
 def engine_params() -> list[object]:

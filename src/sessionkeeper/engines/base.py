@@ -173,4 +173,5 @@ class Engine(ABC):
     @abstractmethod
     async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
         """Delete up to ``limit`` expired sessions (of ``tenant``, or of every tenant if
-        None) with their messages, in one write. Returns how many were deleted."""
+        None) with their messages, in as few writes as the engine allows. Returns how
+        many it deleted."""
