@@ -267,7 +267,7 @@ async def append_in_child(
 
 @pytest.mark.parametrize("engine_name", SHARED_PARAMS)
 async def test_concurrent_appends_from_processes(engine_url: str) -> None:
-    processes, per_process = 4, 100
+    processes, per_process = 8, 500  # seqs 1..4,000 from 8 processes
     async with _store(engine_url) as store:
         session = await store.create_session()
         start = multiprocessing.get_context("spawn").Barrier(processes)
