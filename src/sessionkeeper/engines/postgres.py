@@ -598,7 +598,11 @@ class PostgresEngine(Engine):
             server_settings={
                 "idle_in_transaction_session_timeout": str(
                     round(_IDLE_IN_TRANSACTION * timeout * 1000)
-                )
+                ),
+                # Every statement here is a prepared one whose best plan does not depend
+                # on its values (an index per query shape): plan it once, not per call,
+                # which cost more than running it.
+                "plan_cache_mode": "force_generic_plan",
             },
         )
         try:
