@@ -11,12 +11,21 @@ import json
 import math
 import re
 import secrets
+from collections import Counter
 from typing import Any
 
 import orjson
 
 from .errors import InvalidInput, VersionConflict
-from .models import Change, MessageDraft, MessageRecord, SessionQuery, SessionRecord
+from .models import (
+    Change,
+    MessageDraft,
+    MessageRecord,
+    OwnerCount,
+    SessionQuery,
+    SessionRecord,
+    Stats,
+)
 
 __all__ = [
     "ID_PATTERN",
@@ -39,6 +48,7 @@ __all__ = [
     "remove_messages",
     "renewed_expiry",
     "sort_key",
+    "stats_of",
 ]
 
 # Letters, digits and ._:- ; at most 128 characters; no leading dot (so never "." or "..").
@@ -326,6 +336,27 @@ def matches(record: SessionRecord, query: SessionQuery, now: float) -> bool:
     if query.updated_before is not None and record.updated_at >= query.updated_before:
         return False
     return query.title_contains is None or query.title_contains in ascii_lower(record.title)
+
+
+def stats_of(records: list[SessionRecord], since: float, top: int) -> Stats:
+    """Figures over live ``records`` (for engines that cannot aggregate in storage)."""
+    statuses = Counter(r.status for r in records)
+    owners = Counter(r.owner for r in records)
+    ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
+    total = len(records)
+    return Stats(
+        total=total,
+        active=statuses["active"],
+        completed=statuses["completed"],
+        archived=statuses["archived"],
+        active_last_24h=sum(1 for r in records if r.updated_at >= since),
+        completion_rate=statuses["completed"] / total if total else 0.0,
+        messages=sum(r.message_count for r in records),
+        input_tokens=sum(r.input_tokens for r in records),
+        output_tokens=sum(r.output_tokens for r in records),
+        cost=sum(r.cost for r in records),
+        top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
+    )
 
 
 def sort_key(record: SessionRecord, query: SessionQuery) -> tuple[float, str]:

@@ -59,7 +59,6 @@ import logging
 import os
 import re
 import weakref
-from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -79,7 +78,6 @@ from ..models import (
     FolderRecord,
     MessageDraft,
     MessageRecord,
-    OwnerCount,
     SessionQuery,
     SessionRecord,
     Stats,
@@ -1464,23 +1462,7 @@ class RedisEngine(Engine):
     async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
         index = _Index(self._tenant(tenant).created, "created_at")
         live = await self._matching(tenant, index, SessionQuery(), now)
-        statuses = Counter(r.status for r in live)
-        owners = Counter(r.owner for r in live)
-        ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
-        total = len(live)
-        return Stats(
-            total=total,
-            active=statuses["active"],
-            completed=statuses["completed"],
-            archived=statuses["archived"],
-            active_last_24h=sum(1 for r in live if r.updated_at >= since),
-            completion_rate=statuses["completed"] / total if total else 0.0,
-            messages=sum(r.message_count for r in live),
-            input_tokens=sum(r.input_tokens for r in live),
-            output_tokens=sum(r.output_tokens for r in live),
-            cost=sum(r.cost for r in live),
-            top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
-        )
+        return rules.stats_of(live, since, top)
 
     # --- folders -----------------------------------------------------------------------
 
