@@ -90,13 +90,17 @@ async def wait_for_lock_wait(raw: asyncpg.Connection[asyncpg.Record], app: str) 
 QUERIES = {
     "all by created": (SessionQuery(), "sessions_by_created"),
     "all by created, oldest first": (SessionQuery(descending=False), "sessions_by_created"),
-    "all by updated": (SessionQuery(order_by="updated_at"), "sessions_by_updated"),
+    "all by updated": (SessionQuery(order_by="updated_at"), "activity_by_updated"),
     "owner": (SessionQuery(owner="o1", owner_set=True), "sessions_by_owner_created"),
     "owner by updated, after a cursor": (
         SessionQuery(
             owner="o1", owner_set=True, order_by="updated_at", after_key=1e12, after_id="x"
         ),
-        "sessions_by_owner_updated",
+        "activity_by_owner_updated",
+    ),
+    "no owner by updated, oldest first": (
+        SessionQuery(owner=None, owner_set=True, order_by="updated_at", descending=False),
+        "activity_by_owner_updated",
     ),
     "no owner": (SessionQuery(owner=None, owner_set=True), "sessions_by_owner_created"),
     "folder": (SessionQuery(folder="f", folder_set=True), "sessions_by_folder"),
@@ -123,7 +127,7 @@ def filled() -> Iterator[str]:
             for i in range(200):
                 await store.create_session(owner=f"o{i % 7}" if i % 7 else None, title=f"t{i}")
         conn = await asyncpg.connect(SERVER)
-        await conn.execute(f'ANALYZE "{name}".sessions')
+        await conn.execute(f'ANALYZE "{name}".sessions, "{name}".activity')
         await conn.close()
 
     asyncio.run(fill())
@@ -170,7 +174,7 @@ async def test_text_columns_sort_by_code_point(
         pass
     other = await raw.fetch(
         "SELECT table_name, column_name FROM information_schema.columns "
-        "WHERE table_schema = $1 AND table_name IN ('sessions', 'folders') "
+        "WHERE table_schema = $1 AND table_name IN ('sessions', 'activity', 'folders') "
         "AND data_type = 'text' AND collation_name IS DISTINCT FROM 'C'",
         schema,
     )
@@ -266,7 +270,53 @@ async def test_an_older_schema_is_upgraded_in_place_with_its_data(
         assert (await store.get_folder("f1")).session_count == 1
     assert await versions(raw, schema) == list(range(1, SCHEMA_VERSION + 1))
     indexes = await raw.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
-    assert "sessions_by_tenant_expiry" in {row[0] for row in indexes}
+    names = {row[0] for row in indexes}
+    assert {"sessions_by_tenant_expiry", "activity_by_updated"} <= names
+    assert "sessions_by_updated" not in names
+    async with store_at(url, FrozenClock(200.0)) as store:
+        # the activity row copied from the old session row, then moved by the append
+        listed = await store.list_sessions(order_by="updated_at", owner="ann")
+        assert [(s.id, s.updated_at.timestamp()) for s in listed.items] == [("old", 100.0)]
+
+
+async def test_appends_leave_every_index_of_sessions_alone(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """An append writes only unindexed columns of its session row (so PostgreSQL can
+    update it in place, a HOT update), and moves the session's activity row, which the
+    listings by updated_at read."""
+    async with store_at(url) as store:
+        await store.create_session(session_id="a", owner="ann")
+        await store.create_session(session_id="b", owner="bob")
+        await store.append_message("a", "user", "hi")
+        defs = await raw.fetch(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'sessions'",
+            schema,
+        )
+        assert all(
+            column not in row[0]
+            for row in defs
+            for column in ("updated_at", "version", "message_count", "last_seq")
+        )
+        options = await raw.fetchval(
+            "SELECT reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1 AND c.relname = 'sessions'",
+            schema,
+        )
+        assert options == ["fillfactor=75"]
+        by_updated = await store.list_sessions(order_by="updated_at")
+        assert [s.id for s in by_updated.items] == ["a", "b"]
+        await store.update_session("b", owner="cy")
+        assert [s.id for s in (await store.list_sessions(order_by="updated_at")).items] == [
+            "b",
+            "a",
+        ]
+        cy = await store.list_sessions(order_by="updated_at", owner="cy")
+        assert [s.id for s in cy.items] == ["b"]
+        assert (await store.list_sessions(order_by="updated_at", owner="bob")).items == []
+        await store.delete_session("a")
+        rows = await raw.fetch(f'SELECT id, owner_key FROM "{schema}".activity')
+        assert [tuple(row) for row in rows] == [("b", "cy")]
 
 
 # --- URLs ------------------------------------------------------------------------------
@@ -492,6 +542,32 @@ async def test_a_call_that_waits_too_long_fails_and_changes_nothing(
             assert time.perf_counter() - started < 1.5
         assert (await store.append_message(session.id, "user", "two")).seq == 2
         assert [m.content for m in await store.read_messages(session.id)] == ["one", "two"]
+
+
+async def test_a_call_that_finds_every_connection_busy_fails_within_the_timeout(
+    url: str,
+) -> None:
+    """The wait for a pooled connection is bounded too: here the pool's only connection
+    is held (by a job that outlasts the timeout) while another call wants one."""
+    engine = PostgresEngine(url, Settings(url=url, server_timeout=0.5, pool_size=1))
+    await engine.open()
+    try:
+        release = asyncio.Event()
+
+        async def hold(conn: object) -> None:
+            await release.wait()
+
+        holder = asyncio.ensure_future(engine._run(hold))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match=re.escape("no answer within 0.5 s")):
+            await engine.count_sessions("default", SessionQuery(), 0.0)
+        assert 0.4 < time.perf_counter() - started < 1.0
+        release.set()
+        await holder
+        assert await engine.count_sessions("default", SessionQuery(), 0.0) == 0
+    finally:
+        await engine.close()
 
 
 async def terminate(raw: asyncpg.Connection[asyncpg.Record], app: str) -> int:

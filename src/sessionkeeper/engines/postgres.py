@@ -173,6 +173,28 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX sessions_by_tenant_expiry ON {s}.sessions (tenant, expires_at) "
         "WHERE expires_at IS NOT NULL",
     ),
+    # Appends become HOT updates. Every append moves updated_at, which two indexes of
+    # sessions held, so each one wrote a new entry into all of its indexes. The keys of the
+    # listings by last activity now live in a narrow table of their own, kept in step by
+    # every statement that moves updated_at or the owner; sessions keeps updated_at (for
+    # its records, unindexed) and room on its pages for the new row versions.
+    3: (
+        """CREATE TABLE {s}.activity (
+            session_pk bigint PRIMARY KEY,
+            tenant text COLLATE "C" NOT NULL,
+            owner_key text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+        "INSERT INTO {s}.activity SELECT pk, tenant, coalesce(owner, ''), id, updated_at "
+        "FROM {s}.sessions",
+        "CREATE INDEX activity_by_updated ON {s}.activity (tenant, updated_at, id)",
+        "CREATE INDEX activity_by_owner_updated "
+        "ON {s}.activity (tenant, owner_key, updated_at, id)",
+        "DROP INDEX {s}.sessions_by_updated",
+        "DROP INDEX {s}.sessions_by_owner_updated",
+        "ALTER TABLE {s}.sessions SET (fillfactor = 75)",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -202,9 +224,10 @@ _MESSAGES_OF_LIVE = (
     "WHERE session_pk = s.pk {range}) m ON true "
     f"WHERE {_ONE_LIVE} ORDER BY m.seq"
 )
-# An append moves these columns only (state is elsewhere) and takes the row lock that
-# orders concurrent appenders: each numbers its messages after the last_seq the one
-# before it left.
+# An append moves these columns only (state is elsewhere), none of them indexed unless an
+# idle expiry moves (a HOT update), and takes the row lock that orders concurrent
+# appenders: each numbers its messages after the last_seq the one before it left. Its
+# activity row follows; that row is only ever written under its session's row lock.
 _APPEND = (
     "WITH s AS (UPDATE {s}.sessions SET version = version + 1, updated_at = $3, "
     "message_count = message_count + $4, last_seq = last_seq + $4, "
@@ -213,6 +236,7 @@ _APPEND = (
     f"ELSE {_RENEWED.format(now='$3')} END "
     "WHERE tenant = $1 AND id = $2 AND (expires_at IS NULL OR expires_at > $3) "
     "AND ($8::bigint IS NULL OR version = $8) RETURNING pk, last_seq), "
+    "a AS (UPDATE {s}.activity a SET updated_at = $3 FROM s WHERE a.session_pk = s.pk), "
     "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
     "output_tokens, cost, metadata, created_at) {messages}) "
     "SELECT last_seq FROM s"
@@ -221,6 +245,11 @@ _FOLDER = (
     "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, (SELECT count(*) FROM {s}.sessions s "
     f"WHERE s.tenant = f.tenant AND coalesce(s.folder, '') = f.id AND {_LIVE.format(now='$1')}) "
     "FROM {s}.folders f"
+)
+# Every write of a locked session moves its activity row with it (an owner may change).
+_SAVE_ACTIVITY = (
+    "a AS (UPDATE {s}.activity SET owner_key = coalesce($2::text, ''), updated_at = $9 "
+    "WHERE session_pk = $1)"
 )
 _SAVE = (
     "UPDATE {s}.sessions SET owner = $2, folder = $3, title = $4, status = $5, step = $6, "
@@ -238,7 +267,9 @@ _STATEMENTS: dict[str, str] = {
         "$17::bigint, $18::bigint, $19::float8 "
         # The folder row is share-locked, so it cannot be deleted before this commits.
         "WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM {s}.folders f WHERE f.tenant = $1 "
-        "AND f.id = $4 AND f.owner IS NOT DISTINCT FROM $3 FOR KEY SHARE) RETURNING pk) "
+        "AND f.id = $4 AND f.owner IS NOT DISTINCT FROM $3 FOR KEY SHARE) RETURNING pk), "
+        "a AS (INSERT INTO {s}.activity (session_pk, tenant, owner_key, id, updated_at) "
+        "SELECT pk, $1::text, coalesce($3::text, ''), $2::text, $11::float8 FROM s) "
         "INSERT INTO {s}.states (session_pk, state) SELECT pk, $20::jsonb FROM s "
         "RETURNING session_pk"
     ),
@@ -276,24 +307,28 @@ _STATEMENTS: dict[str, str] = {
         f"FROM s, unnest({_MESSAGE_ARRAYS % (9, 10, 11, 12, 13, 14)}) WITH ORDINALITY "
         "AS d(role, content, input_tokens, output_tokens, cost, metadata, n)",
     ),
-    "save": _SAVE,
-    "save_state": f"WITH st AS (UPDATE {{s}}.states SET state = $16 WHERE session_pk = $1) {_SAVE}",
+    "save": f"WITH {_SAVE_ACTIVITY} {_SAVE}",
+    "save_state": (
+        "WITH st AS (UPDATE {s}.states SET state = $16 WHERE session_pk = $1), "
+        f"{_SAVE_ACTIVITY} {_SAVE}"
+    ),
     "save_messages": (
         "WITH m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
         "output_tokens, cost, metadata, created_at) SELECT $1, d.*, $9 FROM unnest($16::bigint[], "
-        f"{_MESSAGE_ARRAYS % (17, 18, 19, 20, 21, 22)}) AS d) {_SAVE}"
+        f"{_MESSAGE_ARRAYS % (17, 18, 19, 20, 21, 22)}) AS d), {_SAVE_ACTIVITY} {_SAVE}"
     ),
     "save_state_messages": (
         "WITH st AS (UPDATE {s}.states SET state = $16 WHERE session_pk = $1), "
         "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
         "output_tokens, cost, metadata, created_at) SELECT $1, d.*, $9 FROM unnest($17::bigint[], "
-        f"{_MESSAGE_ARRAYS % (18, 19, 20, 21, 22, 23)}) AS d) {_SAVE}"
+        f"{_MESSAGE_ARRAYS % (18, 19, 20, 21, 22, 23)}) AS d), {_SAVE_ACTIVITY} {_SAVE}"
     ),
     # Only for rows this transaction has locked: then no append can add a message that
     # the DELETE's snapshot misses.
     "drop": (
         "WITH m AS (DELETE FROM {s}.messages WHERE session_pk = ANY($1::bigint[])), "
-        "st AS (DELETE FROM {s}.states WHERE session_pk = ANY($1::bigint[])) "
+        "st AS (DELETE FROM {s}.states WHERE session_pk = ANY($1::bigint[])), "
+        "a AS (DELETE FROM {s}.activity WHERE session_pk = ANY($1::bigint[])) "
         "DELETE FROM {s}.sessions WHERE pk = ANY($1::bigint[])"
     ),
     "pop": (
@@ -341,7 +376,8 @@ _STATEMENTS: dict[str, str] = {
     ),
     "move_folder_sessions": (
         "WITH u AS (UPDATE {s}.sessions SET folder = $3, version = version + 1, updated_at = $4 "
-        "WHERE tenant = $1 AND coalesce(folder, '') = $2 RETURNING expires_at) "
+        "WHERE tenant = $1 AND coalesce(folder, '') = $2 RETURNING pk, expires_at), "
+        "a AS (UPDATE {s}.activity a SET updated_at = $4 FROM u WHERE a.session_pk = u.pk) "
         "SELECT count(*) FROM u WHERE expires_at IS NULL OR expires_at > $4"
     ),
     # The queue pattern: sessions another purger (or a writer) holds are skipped.
@@ -424,6 +460,34 @@ async def _keep_session_state(conn: object) -> None:
     round trip less per call. asyncpg still rolls back a transaction left open."""
 
 
+class _Acquire:
+    """``async with``: a pooled connection within ``timeout``, released on leaving.
+
+    While a connection is idle its holder is in the pool's queue, so acquiring takes one
+    without waiting; the only wait left is a reconnect (of an expired or dropped
+    connection), which the pool's connect timeout bounds. Only when every connection is
+    busy does the wait for one need a timeout of its own, and ``asyncio.timeout`` is a
+    timer where ``acquire(timeout=...)`` is a task (``asyncio.wait_for``), whose CPU cost
+    was more than a tenth of an append's Python."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Connection:
+        if self._pool.get_idle_size():
+            self._conn = await self._pool.acquire()
+        else:
+            async with asyncio.timeout(self._timeout):
+                self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pool.release(self._conn)
+
+
 async def migrate(conn: Connection, schema: str, target: int = SCHEMA_VERSION) -> None:
     """Create ``schema`` if needed and bring it up to ``target`` in one transaction.
 
@@ -455,9 +519,15 @@ async def migrate(conn: Connection, schema: str, target: int = SCHEMA_VERSION) -
             )
 
 
-def _where(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
+def _where(
+    tenant: str, query: SessionQuery, now: float, by_activity: bool = False
+) -> tuple[str, list[Any]]:
+    """The WHERE of a listing or count of ``sessions s``; ``by_activity``: of ``sessions s``
+    joined to its ``activity a``, whose columns then serve the tenant, owner and updated_at
+    (the same values, on the indexes that order by updated_at)."""
     params: list[Any] = [tenant, now]
-    clauses = ["s.tenant = $1", _LIVE.format(now="$2")]
+    clauses = ["a.tenant = $1" if by_activity else "s.tenant = $1", _LIVE.format(now="$2")]
+    updated = "a.updated_at" if by_activity else "s.updated_at"
 
     def add(template: str, value: Any) -> None:
         params.append(value)
@@ -465,19 +535,20 @@ def _where(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]
 
     # As indexed: '' stands for none.
     if query.owner_set:
-        add("coalesce(s.owner, '') = {}", query.owner or "")
+        owner = "a.owner_key" if by_activity else "coalesce(s.owner, '')"
+        add(f"{owner} = {{}}", query.owner or "")
     if query.folder_set:
         add("coalesce(s.folder, '') = {}", query.folder or "")
     if query.status is not None:
         add("s.status = {}", query.status)
     for column, op, bound in (
-        ("created_at", ">=", query.created_since),
-        ("created_at", "<", query.created_before),
-        ("updated_at", ">=", query.updated_since),
-        ("updated_at", "<", query.updated_before),
+        ("s.created_at", ">=", query.created_since),
+        ("s.created_at", "<", query.created_before),
+        (updated, ">=", query.updated_since),
+        (updated, "<", query.updated_before),
     ):
         if bound is not None:
-            add(f"s.{column} {op} {{}}", bound)
+            add(f"{column} {op} {{}}", bound)
     if query.title_contains is not None:
         # rules.ascii_lower: fold A-Z only, as the other engines do (lower() may fold more).
         add(
@@ -489,17 +560,27 @@ def _where(tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]
 
 
 def list_sql(schema: str, tenant: str, query: SessionQuery, now: float) -> tuple[str, list[Any]]:
-    """The SELECT a listing runs (public so tests can check its query plan)."""
-    where, params = _where(tenant, query, now)
-    key = "s.created_at" if query.order_by == "created_at" else "s.updated_at"
+    """The SELECT a listing runs (public so tests can check its query plan). A listing by
+    updated_at walks an index of activity and joins each session by its primary key."""
+    by_activity = query.order_by != "created_at"
+    where, params = _where(tenant, query, now, by_activity)
+    s = _quote(schema)
+    if by_activity:
+        key, id_, tables = (
+            "a.updated_at",
+            "a.id",
+            f"{s}.activity a JOIN {s}.sessions s ON s.pk = a.session_pk",
+        )
+    else:
+        key, id_, tables = "s.created_at", "s.id", f"{s}.sessions s"
     direction = "DESC" if query.descending else "ASC"
     if query.after_key is not None:
         n = len(params)
-        where += f" AND ({key}, s.id) {'<' if query.descending else '>'} (${n + 1}, ${n + 2})"
+        where += f" AND ({key}, {id_}) {'<' if query.descending else '>'} (${n + 1}, ${n + 2})"
         params += [query.after_key, query.after_id]
     sql = (
-        f"SELECT {_PLAIN_RECORD} FROM {_quote(schema)}.sessions s WHERE {where} "
-        f"ORDER BY {key} {direction}, s.id {direction} LIMIT ${len(params) + 1}"
+        f"SELECT {_PLAIN_RECORD} FROM {tables} WHERE {where} "
+        f"ORDER BY {key} {direction}, {id_} {direction} LIMIT ${len(params) + 1}"
     )
     return sql, [*params, query.limit]
 
@@ -655,11 +736,14 @@ class PostgresEngine(Engine):
             raise BackendUnavailable("the PostgreSQL engine is closed")
         return self._pool
 
+    def _acquire(self, pool: asyncpg.Pool[asyncpg.Record]) -> _Acquire:
+        return _Acquire(pool, self.settings.server_timeout)
+
     async def _run(self, job: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``job`` on a pooled connection, outside any transaction."""
         pool = self._usable_pool()
         try:
-            async with pool.acquire(timeout=self.settings.server_timeout) as conn:
+            async with self._acquire(pool) as conn:
                 return await job(conn)
         except _DRIVER_ERRORS as exc:
             raise await self._failed(exc) from exc
@@ -673,7 +757,7 @@ class PostgresEngine(Engine):
         for attempt in range(_DEADLOCK_RETRIES + 1):
             try:
                 async with (
-                    pool.acquire(timeout=self.settings.server_timeout) as conn,
+                    self._acquire(pool) as conn,
                     conn.transaction(),
                 ):
                     return await job(conn)
@@ -688,7 +772,7 @@ class PostgresEngine(Engine):
         """The rows of one statement: ``_run`` without a job to build, for the reads."""
         pool = self._usable_pool()
         try:
-            async with pool.acquire(timeout=self.settings.server_timeout) as conn:
+            async with self._acquire(pool) as conn:
                 return await conn.fetch(sql, *args)
         except _DRIVER_ERRORS as exc:
             raise await self._failed(exc) from exc
