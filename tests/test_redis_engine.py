@@ -358,6 +358,49 @@ async def test_every_key_of_a_session_expires_natively_when_it_does(
         await client.aclose()
 
 
+async def test_an_append_that_recreates_the_messages_key_gives_it_the_ttl(
+    shared: tuple[str, str],
+) -> None:
+    # The append script refreshes only the msgs key's TTL when the expiry stays; a pop that
+    # empties the history deletes that key, and the next append must bring it back with one.
+    url, prefix = shared
+    client = Redis.from_url(SHARED)
+    try:
+        async with _store(url, FrozenClock(time.time())) as store:
+            session = await store.create_session(ttl=60)
+            await store.append_message(session.id, "user", "hi")
+            await store.pop_message(session.id)
+            msgs = _keys(prefix, session.id)[2]
+            assert await client.exists(msgs) == 0
+            await store.append_message(session.id, "user", "again")
+            assert 59_000 < await client.pttl(msgs) <= 60_000
+    finally:
+        await client.aclose()
+
+
+async def test_token_sums_beyond_a_double_stay_exact(shared: tuple[str, str]) -> None:
+    # The append script sums tokens in Lua (doubles) and falls back to HINCRBY beyond 2^52.
+    url, _ = shared
+    big = 2**60 + 1
+    async with _store(url) as store:
+        session = await store.create_session()
+        await store.append_message(session.id, "user", "a", input_tokens=3, output_tokens=4)
+        await store.append_messages(
+            session.id,
+            [
+                {"role": "user", "input_tokens": big, "output_tokens": 1},
+                {"role": "user", "input_tokens": 1, "output_tokens": big},
+            ],
+        )
+        record = await store.get_session(session.id)
+        assert (record.input_tokens, record.output_tokens) == (big + 4, big + 5)
+        assert record.message_count == 3
+        await store.append_message(session.id, "user", "b", input_tokens=1, output_tokens=1)
+        record = await store.get_session(session.id)
+        assert (record.input_tokens, record.output_tokens) == (big + 5, big + 6)
+        assert (record.message_count, record.version) == (4, 4)
+
+
 async def test_an_expiry_already_past_on_the_server_clock_sets_no_ttl(
     shared: tuple[str, str],
 ) -> None:
