@@ -9,6 +9,8 @@ write a live session renew its idle expiry with ``rules.renewed_expiry``.
 
 from __future__ import annotations
 
+import os
+import weakref
 from abc import ABC, abstractmethod
 
 from ..models import (
@@ -24,10 +26,39 @@ from ..models import (
 __all__ = ["Engine"]
 
 
-class Engine(ABC):
-    """Storage for sessions, messages and folders, scoped by tenant on every call."""
+# Engines open in this process, and those a forked child inherited: a child must neither
+# use them nor close their connections (the parent's sockets and threads).
+_OPEN: weakref.WeakSet[Engine] = weakref.WeakSet()
+_INHERITED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
-    __slots__ = ()
+
+def _after_fork_in_child() -> None:
+    _INHERITED.update(_OPEN)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Engine(ABC):
+    """Storage for sessions, messages and folders, scoped by tenant on every call.
+
+    An engine that holds connections or threads calls ``_opened`` and ``_closed``, and
+    checks ``_forked`` before using them.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def _opened(self) -> None:
+        _OPEN.add(self)
+
+    def _closed(self) -> None:
+        _OPEN.discard(self)
+
+    @property
+    def _forked(self) -> bool:
+        """Whether this engine was opened by a parent process before fork()."""
+        return self in _INHERITED
 
     #: Short name shown in errors and the CLI.
     name: str = "engine"

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -390,18 +388,6 @@ _STATEMENTS: dict[str, str] = {
     ),
 }
 
-# Engines still open in this process; a forked child must not use them, nor close their
-# connections (the parent's sockets) with a goodbye to the server.
-_OPEN_ENGINES: weakref.WeakSet[PostgresEngine] = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for engine in list(_OPEN_ENGINES):
-        engine._forked = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
-
 
 def _quote(schema: str) -> str:
     return f'"{schema}"'
@@ -622,10 +608,8 @@ class PostgresEngine(Engine):
     """Sessions in one PostgreSQL schema: safe for many processes and servers at once."""
 
     __slots__ = (
-        "__weakref__",
         "_dsn",
         "_durable",
-        "_forked",
         "_pool",
         "_sql",
         "schema",
@@ -639,7 +623,6 @@ class PostgresEngine(Engine):
         s = _quote(self.schema)
         self._sql = {name: sql.replace("{s}", s) for name, sql in _STATEMENTS.items()}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
-        self._forked = False
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -698,7 +681,7 @@ class PostgresEngine(Engine):
                 raise self._unavailable(exc) from exc
             raise
         self._pool = pool
-        _OPEN_ENGINES.add(self)
+        self._opened()
 
     async def _check_durability(self, conn: Connection) -> None:
         """Warn when the server acknowledges commits it may still lose."""
@@ -719,7 +702,7 @@ class PostgresEngine(Engine):
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        _OPEN_ENGINES.discard(self)
+        self._closed()
         if pool is None or self._forked:
             return
         try:

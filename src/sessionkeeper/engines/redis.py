@@ -56,9 +56,7 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import re
-import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -860,17 +858,6 @@ class _Connection(Connection):
 # OSError covers socket errors and TimeoutError; RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException, OSError)
 
-# Engines still open in this process; a forked child must not use them.
-_OPEN_ENGINES: weakref.WeakSet[RedisEngine] = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for engine in list(_OPEN_ENGINES):
-        engine._forked = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
-
 
 def _hook(
     method: Callable[Concatenate[RedisEngine, P], Awaitable[T]],
@@ -903,10 +890,8 @@ class RedisEngine(Engine):
     """Sessions in Redis or Redis Cluster: one script per session write, sorted-set indexes."""
 
     __slots__ = (
-        "__weakref__",
         "_client",
         "_fallback",
-        "_forked",
         "_options",
         "_slots",
         "settings",
@@ -918,7 +903,6 @@ class RedisEngine(Engine):
         self.settings = settings
         self._client: Redis | RedisCluster | None = None
         self._fallback: MemoryEngine | None = None
-        self._forked = False
         # At most pool_size operations at once, so no node is asked for more connections
         # (a pipeline to several nodes takes one connection on each).
         self._slots = asyncio.Semaphore(settings.pool_size)
@@ -975,12 +959,12 @@ class RedisEngine(Engine):
             )
             self._fallback = MemoryEngine()
             return
-        _OPEN_ENGINES.add(self)
+        self._opened()
 
     async def close(self) -> None:
         client, self._client = self._client, None
         self._fallback = None
-        _OPEN_ENGINES.discard(self)
+        self._closed()
         if client is not None and not self._forked:
             await client.aclose()
 

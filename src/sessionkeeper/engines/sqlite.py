@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import queue
 import sqlite3
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -164,17 +162,6 @@ _FOLDER = (
     f"(SELECT count(*) FROM sessions s WHERE s.tenant = f.tenant AND s.folder = f.id AND {_LIVE}) "
     "FROM folders f"
 )
-
-# Engines still open in this process; a forked child must not use them.
-_OPEN_ENGINES: weakref.WeakSet[SQLiteEngine] = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for engine in list(_OPEN_ENGINES):
-        engine._forked = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
 
 
 @dataclass(slots=True)
@@ -463,8 +450,6 @@ class SQLiteEngine(Engine):
     """Sessions in one SQLite file (WAL): durable, safe for many threads and processes."""
 
     __slots__ = (
-        "__weakref__",
-        "_forked",
         "_next_reader",
         "_readers",
         "_writer",
@@ -479,7 +464,6 @@ class SQLiteEngine(Engine):
         self._writer: _Worker | None = None
         self._readers: list[_Worker] = []
         self._next_reader = itertools.count()
-        self._forked = False
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -533,7 +517,7 @@ class SQLiteEngine(Engine):
             _Worker(conn, f"sessionkeeper-sqlite-reader-{i}:{self.path}", False)
             for i, conn in enumerate(readers)
         ]
-        _OPEN_ENGINES.add(self)
+        self._opened()
 
     async def open(self) -> None:
         if self._writer is None:
@@ -542,7 +526,7 @@ class SQLiteEngine(Engine):
     async def close(self) -> None:
         workers = [w for w in (self._writer, *self._readers) if w is not None]
         self._writer, self._readers = None, []
-        _OPEN_ENGINES.discard(self)
+        self._closed()
         if workers and not self._forked:
             await asyncio.to_thread(_stop_all, workers)
 
