@@ -561,13 +561,13 @@ class SessionStore:
         expected_version: int | None = None,
     ) -> Session:
         """Apply a JSON Merge Patch to the state, or replace it whole if ``replace``."""
+        if not isinstance(patch, dict):
+            raise InvalidInput("patch", f"must be a JSON object, not {type(patch).__name__}")
         if replace:
             result = await self.change_session(
                 session_id, state=patch, expected_version=expected_version
             )
         else:
-            if not isinstance(patch, dict):
-                raise InvalidInput("patch", f"must be a JSON object, not {type(patch).__name__}")
             result = await self.change_session(
                 session_id, state_patch=patch, expected_version=expected_version
             )

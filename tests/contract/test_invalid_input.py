@@ -85,6 +85,7 @@ async def test_bad_updates_change_nothing(store: SessionStore) -> None:
     session = await store.create_session(state={"a": 1})
     cases: list[tuple[Any, str]] = [
         (store.update_state(session.id, [1]), "patch"),  # type: ignore[arg-type]
+        (store.update_state(session.id, [1], replace=True), "patch"),  # type: ignore[arg-type]
         (store.update_state(session.id, {"a": {"b": deep(40)}}), "state_patch"),
         (store.update_state(session.id, {"a": 1}, expected_version=0), "expected_version"),
         (store.update_state(session.id, {"a": 1}, expected_version=True), "expected_version"),
