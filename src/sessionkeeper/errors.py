@@ -5,6 +5,9 @@
     ├── AlreadyExists        the id or the folder name is taken
     ├── VersionConflict      expected_version is stale; nothing was changed
     ├── InvalidInput         bad input, naming the field and the reason; nothing was changed
+    ├── RateLimited          a rate limit refused the call; ``retry_after`` seconds to wait
+    ├── LockedOut            too many failed logins from this client or for this account
+    ├── BudgetExceeded       an append would take an owner or a session past its budget
     └── BackendUnavailable   the storage engine failed or cannot be reached
 
 Driver errors are wrapped in BackendUnavailable (``raise ... from exc``), never swallowed.
@@ -15,8 +18,11 @@ from __future__ import annotations
 __all__ = [
     "AlreadyExists",
     "BackendUnavailable",
+    "BudgetExceeded",
     "InvalidInput",
+    "LockedOut",
     "NotFound",
+    "RateLimited",
     "SessionKeeperError",
     "VersionConflict",
 ]
@@ -59,6 +65,70 @@ class InvalidInput(SessionKeeperError, ValueError):
 
     def __reduce__(self) -> tuple[type[InvalidInput], tuple[str, str]]:
         return (InvalidInput, (self.field, self.reason))
+
+
+class RateLimited(SessionKeeperError):
+    """A rate limit refused the call; nothing was written. Retry after ``retry_after`` s."""
+
+    def __init__(self, key: str, limit: int, window: float, retry_after: float) -> None:
+        super().__init__(
+            f"rate limit {key!r} allows {limit} per {window:g} s; retry after {retry_after:.3f} s"
+        )
+        self.key = key
+        self.limit = limit
+        self.window = window
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type[RateLimited], tuple[str, int, float, float]]:
+        return (RateLimited, (self.key, self.limit, self.window, self.retry_after))
+
+
+class LockedOut(SessionKeeperError):
+    """Too many failed logins: ``who`` (``ip:...`` or ``account:...``) is locked for
+    ``retry_after`` more seconds."""
+
+    def __init__(self, who: str, retry_after: float) -> None:
+        super().__init__(
+            f"{who} is locked out after failed logins; retry after {retry_after:.0f} s"
+        )
+        self.who = who
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type[LockedOut], tuple[str, float]]:
+        return (LockedOut, (self.who, self.retry_after))
+
+
+class BudgetExceeded(SessionKeeperError):
+    """An append would take ``scope`` (``owner:...`` or ``session:...``) past its token or
+    cost budget for the current period; nothing was written. ``usage`` and ``limits`` say
+    where it stands."""
+
+    def __init__(
+        self,
+        scope: str,
+        what: str,
+        used: float,
+        wanted: float,
+        limit: float,
+        resets_at: float | None,
+    ) -> None:
+        reset = "" if resets_at is None else f"; the period resets at {resets_at:.0f}"
+        super().__init__(
+            f"{scope} has used {used:g} of its {what} budget of {limit:g}; "
+            f"{wanted:g} more would exceed it{reset}"
+        )
+        self.scope = scope
+        self.what = what
+        self.used = used
+        self.wanted = wanted
+        self.limit = limit
+        self.resets_at = resets_at
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[BudgetExceeded], tuple[str, str, float, float, float, float | None]]:
+        args = (self.scope, self.what, self.used, self.wanted, self.limit, self.resets_at)
+        return (BudgetExceeded, args)
 
 
 class BackendUnavailable(SessionKeeperError):

@@ -7,6 +7,7 @@ and return: Unix-second floats and JSON text, so an engine never parses or valid
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -15,18 +16,24 @@ from typing import Any, Final, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "PERIODS",
     "STATUSES",
     "UNSET",
+    "BudgetUsage",
     "Change",
     "ChangeResult",
     "Folder",
     "FolderRecord",
+    "GuardRecord",
+    "GuardUpdate",
+    "LoginStatus",
     "Message",
     "MessageDraft",
     "MessageIn",
     "MessageRecord",
     "OwnerCount",
     "Page",
+    "RateLimitResult",
     "Session",
     "SessionQuery",
     "SessionRecord",
@@ -38,6 +45,8 @@ __all__ = [
 
 Status = Literal["active", "completed", "archived"]
 STATUSES: tuple[str, ...] = ("active", "completed", "archived")
+Period = Literal["none", "daily", "weekly", "monthly"]
+PERIODS: tuple[str, ...] = ("none", "daily", "weekly", "monthly")
 
 T = TypeVar("T")
 
@@ -171,6 +180,49 @@ class Stats(BaseModel):
     output_tokens: int
     cost: float
     top_owners: list[OwnerCount]
+
+
+class RateLimitResult(BaseModel):
+    """What one hit on a rate limit got: allowed or not, and how long until it would be."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    allowed: bool
+    limit: int
+    remaining: int = Field(description="Hits still allowed in the current window")
+    retry_after: float = Field(description="Seconds until this hit would be allowed (0 if it was)")
+    reset_after: float = Field(description="Seconds until the window holds no hit at all")
+
+
+class LoginStatus(BaseModel):
+    """Failed logins of one client IP or one account, and whether it is locked out."""
+
+    model_config = ConfigDict(frozen=True)
+
+    who: str = Field(description="``ip:<address>`` or ``account:<name>``")
+    failures: int = Field(description="Failures recorded since the last success or unlock")
+    recent_failures: int = Field(description="Failures within the current window")
+    locked: bool
+    retry_after: float = Field(description="Seconds until the lockout ends (0 if not locked)")
+    lockouts: int = Field(description="Lockouts so far; each lasts longer when progressive")
+    last_failure: datetime | None
+
+
+class BudgetUsage(BaseModel):
+    """Tokens and cost an owner or a session used in the current budget period."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scope: str = Field(description="``owner:<owner>`` or ``session:<id>``")
+    period: Period
+    period_start: datetime | None
+    resets_at: datetime | None
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    token_limit: int | None = Field(description="Input plus output tokens allowed per period")
+    cost_limit: float | None
 
 
 # --- records: what engines store -------------------------------------------------------
@@ -311,3 +363,18 @@ class SessionQuery:
     limit: int = 50
     after_key: float | None = None
     after_id: str | None = None
+
+
+@dataclass(slots=True)
+class GuardRecord:
+    """A guard's counter as stored: an opaque key, its JSON text and its expiry."""
+
+    key: str
+    value: str
+    expires_at: float | None
+
+
+#: The pure function an engine runs atomically on a guard: it gets the stored value (None
+#: if absent or expired) and returns the value to store (None deletes it), its expiry and
+#: a result for the caller. Engines that retry on conflict may call it more than once.
+GuardUpdate = Callable[[str | None], tuple[str | None, float | None, T]]

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import ipaddress
 import json
 import math
 import re
 import secrets
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -32,8 +35,11 @@ __all__ = [
     "apply_append",
     "apply_change",
     "ascii_lower",
+    "budget_excess",
+    "budget_record",
     "check_id",
     "check_version",
+    "client_ip",
     "decode_cursor",
     "decode_json",
     "encode_cursor",
@@ -41,10 +47,15 @@ __all__ = [
     "initial_expiry",
     "is_after_cursor",
     "is_expired",
+    "login_expiry",
+    "login_failure",
+    "login_record",
     "matches",
     "merge_patch",
     "new_id",
     "number_messages",
+    "period_bounds",
+    "rate_hit",
     "remove_messages",
     "renewed_expiry",
     "sort_key",
@@ -372,3 +383,181 @@ def is_after_cursor(record: SessionRecord, query: SessionQuery) -> bool:
     if query.descending:
         return sort_key(record, query) < position
     return sort_key(record, query) > position
+
+
+# --- guards: rate windows, login lockouts, budget periods -------------------------------
+# Each guard keeps its counter as a small JSON value under one key; the functions below
+# compute the next value from the stored one, and engines run them atomically.
+
+_DAY = 86_400.0
+
+
+def rate_hit(
+    value: str | None, limit: int, window: float, cost: int, now: float
+) -> tuple[list[float], bool, float]:
+    """A hit of weight ``cost`` on an exact sliding-window log.
+
+    ``value`` holds the times of the hits admitted in the last ``window`` seconds (at most
+    ``limit`` of them). The hit is admitted when those plus ``cost`` stay within ``limit``;
+    then it is logged ``cost`` times at ``now``. Returns the new log (oldest first), whether
+    the hit was admitted and, if not, the seconds until it would be.
+    """
+    hits = [t for t in _times(value) if t > now - window]
+    if len(hits) + cost <= limit:
+        for _ in range(cost):
+            bisect.insort(hits, now)
+        return hits, True, 0.0
+    # Admitted once enough of the oldest hits have left the window.
+    must_leave = len(hits) + cost - limit
+    return hits, False, max(hits[must_leave - 1] + window - now, 0.0)
+
+
+def _times(value: str | None) -> list[float]:
+    if value is None:
+        return []
+    times = orjson.loads(value)
+    return sorted(float(t) for t in times)
+
+
+def login_failure(
+    value: str | None,
+    now: float,
+    max_failures: int,
+    window: float,
+    lockout: float,
+    progressive: bool,
+    max_lockout: float,
+) -> dict[str, Any]:
+    """The login record after one more failure at ``now``.
+
+    The record holds ``failures`` (since the last success or unlock), ``recent`` (times of
+    failures in the window, at most ``max_failures``), ``locked_until`` and ``lockouts``.
+    Reaching ``max_failures`` within ``window`` locks for ``lockout`` seconds, doubled for
+    each earlier lockout when ``progressive`` (at most ``max_lockout``); the window starts
+    afresh after a lockout. Failures while locked are counted but do not extend the lock.
+    """
+    record = login_record(value)
+    record["failures"] += 1
+    record["last_failure"] = now
+    locked = record["locked_until"] is not None and record["locked_until"] > now
+    if locked:
+        return record
+    recent = [t for t in record["recent"] if t > now - window]
+    recent.append(now)
+    if len(recent) >= max_failures:
+        record["lockouts"] += 1
+        duration = lockout * 2 ** (record["lockouts"] - 1) if progressive else lockout
+        record["locked_until"] = now + min(duration, max(max_lockout, lockout))
+        recent = []
+    record["recent"] = recent[-max_failures:]
+    return record
+
+
+def login_record(value: str | None) -> dict[str, Any]:
+    """A stored login record, or a fresh one."""
+    if value is None:
+        return {
+            "failures": 0,
+            "recent": [],
+            "locked_until": None,
+            "lockouts": 0,
+            "last_failure": None,
+        }
+    record: dict[str, Any] = orjson.loads(value)
+    return record
+
+
+def login_expiry(record: dict[str, Any], window: float, forget_after: float) -> float:
+    """When a login record may be forgotten: ``forget_after`` seconds after its last
+    failure's window and its lockout are both over (so lockouts keep growing meanwhile)."""
+    ends: list[float] = [float(record["last_failure"]) + window]
+    if record["locked_until"] is not None:
+        ends.append(float(record["locked_until"]))
+    return max(ends) + forget_after
+
+
+def period_bounds(period: str, now: float) -> tuple[float | None, float | None]:
+    """The start and end (Unix seconds, UTC) of the budget period holding ``now``:
+    days start at midnight, weeks on Monday, months on the 1st; ``none`` never ends."""
+    if period == "none":
+        return None, None
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        start = day
+        end = start + timedelta(days=1)
+    elif period == "weekly":
+        start = day - timedelta(days=day.weekday())
+        end = start + timedelta(days=7)
+    elif period == "monthly":
+        start = day.replace(day=1)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
+    else:
+        raise InvalidInput("period", f"must be one of none, daily, weekly, monthly, not {period!r}")
+    return start.timestamp(), end.timestamp()
+
+
+def budget_record(value: str | None, period: str, now: float) -> dict[str, Any]:
+    """The stored budget record with its usage reset if its period is over.
+
+    It holds ``start`` (of the period its usage counts), ``input_tokens``,
+    ``output_tokens``, ``cost``, and ``limits`` set for this owner or session alone
+    (``tokens``, ``cost``, ``period``), which outlive every period."""
+    record: dict[str, Any] = {} if value is None else orjson.loads(value)
+    limits = record.get("limits") or {}
+    start, _ = period_bounds(limits.get("period", period), now)
+    if value is None or record.get("start") != start:
+        record.update(start=start, input_tokens=0, output_tokens=0, cost=0.0)
+    record["limits"] = limits
+    return record
+
+
+def budget_excess(
+    record: dict[str, Any],
+    token_limit: int | None,
+    cost_limit: float | None,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float,
+) -> tuple[str, float, float, float] | None:
+    """What an append of these figures would exceed: ``(what, used, wanted, limit)``, or
+    None when it fits. Tokens count input plus output."""
+    used_tokens = record["input_tokens"] + record["output_tokens"]
+    wanted_tokens = input_tokens + output_tokens
+    if token_limit is not None and used_tokens + wanted_tokens > token_limit:
+        return "tokens", used_tokens, wanted_tokens, token_limit
+    if cost_limit is not None and record["cost"] + cost > cost_limit + 1e-12:
+        return "cost", record["cost"], cost, cost_limit
+    return None
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted_proxies: list[str]) -> str:
+    """The client's address: ``peer``, unless ``peer`` is a trusted proxy, when the
+    nearest untrusted address in ``X-Forwarded-For`` (read right to left) is taken.
+
+    ``trusted_proxies`` holds addresses or networks (``10.0.0.0/8``). A forged header from
+    an untrusted peer is ignored."""
+    if peer is None:
+        return "unknown"
+    networks = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    if not forwarded_for or not trusted(peer):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a garbled header: fall back to the proxy, never to junk
+    return hops[0] if hops else peer

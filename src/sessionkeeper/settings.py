@@ -61,3 +61,67 @@ class Settings(BaseSettings):
     pool_size: int = Field(
         10, gt=0, le=1000, description="Most connections a PostgreSQL or Redis store opens"
     )
+
+    # --- guards: rate limits, failed logins, budgets ---
+
+    session_message_limit: int | None = Field(
+        None, gt=0, description="Messages one session may receive per window (None: no limit)"
+    )
+    session_message_window: float = Field(
+        60.0, gt=0, description="Seconds of the per-session message rate window"
+    )
+    max_rate_limit: int = Field(
+        10_000,
+        gt=0,
+        description="Largest limit a rate limit may have (its log holds one time per hit)",
+    )
+    login_max_failures: int = Field(
+        5, gt=0, description="Failed logins within the window that lock an IP or an account"
+    )
+    login_window: float = Field(900.0, gt=0, description="Seconds in which failures are counted")
+    login_lockout: float = Field(900.0, gt=0, description="Seconds of the first lockout")
+    login_progressive: bool = Field(
+        True, description="Double the lockout for each earlier lockout (up to login_max_lockout)"
+    )
+    login_max_lockout: float = Field(
+        86_400.0,
+        gt=0,
+        description="Longest lockout; also the quiet time after which one is forgotten",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Proxies (addresses or networks) whose X-Forwarded-For names the client",
+    )
+    budgets: bool = Field(
+        False,
+        description="Check owner and session budgets on every append (on by itself when a "
+        "budget below is set)",
+    )
+    budget_period: str = Field(
+        "monthly",
+        pattern="^(none|daily|weekly|monthly)$",
+        description="Budget period: none, daily, weekly or monthly (UTC)",
+    )
+    owner_token_budget: int | None = Field(
+        None, gt=0, description="Input plus output tokens an owner may use per period"
+    )
+    owner_cost_budget: float | None = Field(
+        None, gt=0, description="Cost an owner may use per period"
+    )
+    session_token_budget: int | None = Field(
+        None, gt=0, description="Input plus output tokens one session may use per period"
+    )
+    session_cost_budget: float | None = Field(
+        None, gt=0, description="Cost one session may use per period"
+    )
+
+    @property
+    def budgets_enforced(self) -> bool:
+        """Whether appends check budgets: asked for, or some budget is set."""
+        limits = (
+            self.owner_token_budget,
+            self.owner_cost_budget,
+            self.session_token_budget,
+            self.session_cost_budget,
+        )
+        return self.budgets or any(limit is not None for limit in limits)
