@@ -358,6 +358,24 @@ async def test_every_key_of_a_session_expires_natively_when_it_does(
         await client.aclose()
 
 
+async def test_a_loaded_session_expires_natively(shared: tuple[str, str]) -> None:
+    url, prefix = shared
+    clock = FrozenClock(time.time())
+    client = Redis.from_url(SHARED)
+    try:
+        async with _store(url, clock) as store:
+            session = await store.create_session(ttl=60)
+            await store.append_message(session.id, "user", "hi")
+            exported = await store.engine.export_session("default", session.id, clock.now())
+            assert exported is not None
+            await client.delete(*_keys(prefix, session.id))
+            assert await store.engine.load_session(*exported, clock.now(), replace=False)
+            for key in _keys(prefix, session.id):
+                assert 59_000 < await client.pttl(key) <= 60_000
+    finally:
+        await client.aclose()
+
+
 async def test_an_append_that_recreates_the_messages_key_gives_it_the_ttl(
     shared: tuple[str, str],
 ) -> None:

@@ -206,3 +206,37 @@ class Engine(ABC):
         """Delete up to ``limit`` expired sessions (of ``tenant``, or of every tenant if
         None) with their messages, in as few writes as the engine allows. Returns how
         many it deleted."""
+
+    # --- transfer: export, import, migrate, backup ------------------------------------
+    # These hooks serve copying a store whole. Reads here renew nothing: an export or a
+    # migration never changes its source.
+
+    @abstractmethod
+    async def list_tenants(self, now: float) -> list[str]:
+        """Every tenant that has a live session or a folder, sorted."""
+
+    @abstractmethod
+    async def export_session(
+        self, tenant: str, session_id: str, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]] | None:
+        """The live session with its state and every message, oldest first, read as one
+        consistent snapshot; None if it is absent. Renews nothing."""
+
+    @abstractmethod
+    async def load_session(
+        self, record: SessionRecord, messages: list[MessageRecord], now: float, replace: bool
+    ) -> bool:
+        """Write a session exactly as given (id, version, timestamps, expiry, aggregates,
+        ``last_seq``, state) with exactly ``messages`` (seqs kept, gaps too), atomically.
+
+        An expired session with the id is replaced. A live one is kept and False returned,
+        unless ``replace``, when it and its messages are replaced. Returns True when the
+        session was written. Raises NotFound if ``record.folder`` is not a folder of
+        ``record.owner``.
+        """
+
+    @abstractmethod
+    async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
+        """Store a folder with its own id and ``created_at``. One with the id is kept and
+        False returned, unless ``replace``, when its owner and name are overwritten.
+        Raises AlreadyExists if another folder of the owner has the name."""

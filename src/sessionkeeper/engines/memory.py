@@ -324,3 +324,49 @@ class MemoryEngine(Engine):
                 if purged >= limit:
                     break
             return purged
+
+    # --- transfer ----------------------------------------------------------------------
+
+    async def list_tenants(self, now: float) -> list[str]:
+        with self._lock:
+            return sorted(
+                name
+                for name, space in self._tenants.items()
+                if space.folders
+                or any(not rules.is_expired(r.expires_at, now) for r in space.sessions.values())
+            )
+
+    async def export_session(
+        self, tenant: str, session_id: str, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]] | None:
+        with self._lock:
+            space = self._tenant(tenant)
+            record = self._live(space, session_id, now)
+            if record is None:
+                return None
+            return record, list(space.messages[session_id])
+
+    async def load_session(
+        self, record: SessionRecord, messages: list[MessageRecord], now: float, replace: bool
+    ) -> bool:
+        with self._lock:
+            space = self._tenant(record.tenant)
+            if not replace and self._live(space, record.id, now) is not None:
+                return False
+            self._check_folder(space, record.folder, record.owner)
+            self._drop(space, record.id)
+            space.sessions[record.id] = record
+            space.messages[record.id] = sorted(messages, key=_seq)
+            return True
+
+    async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
+        with self._lock:
+            space = self._tenant(record.tenant)
+            existing = space.folders.get(record.id)
+            if existing is not None and not replace:
+                return False
+            others = (f for f in space.folders.values() if f.id != record.id)
+            if any(f.owner == record.owner and f.name == record.name for f in others):
+                raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
+            space.folders[record.id] = dataclasses.replace(record, session_count=0)
+            return True

@@ -378,6 +378,51 @@ _STATEMENTS: dict[str, str] = {
         "a AS (UPDATE {s}.activity a SET updated_at = $4 FROM u WHERE a.session_pk = u.pk) "
         "SELECT count(*) FROM u WHERE expires_at IS NULL OR expires_at > $4"
     ),
+    # Transfer. Nothing here renews idle expiry: an export never changes its source.
+    "list_tenants": (
+        f"SELECT DISTINCT s.tenant FROM {{s}}.sessions s WHERE {_LIVE.format(now='$1')} "
+        "UNION SELECT tenant FROM {s}.folders ORDER BY 1"
+    ),
+    # One statement, so the session, its state and its messages come from one snapshot; the
+    # messages as one array per column, so the session's columns are sent once.
+    "export": (
+        f"SELECT {_RECORD.format(state='st.state', expires_at='s.expires_at')}, "
+        "m.seqs, m.roles, m.contents, m.inputs, m.outputs, m.costs, m.metadatas, m.times "
+        "FROM {s}.sessions s JOIN {s}.states st ON st.session_pk = s.pk "
+        "CROSS JOIN LATERAL (SELECT array_agg(seq ORDER BY seq) AS seqs, "
+        "array_agg(role ORDER BY seq) AS roles, array_agg(content ORDER BY seq) AS contents, "
+        "array_agg(input_tokens ORDER BY seq) AS inputs, "
+        "array_agg(output_tokens ORDER BY seq) AS outputs, "
+        "array_agg(cost ORDER BY seq) AS costs, array_agg(metadata ORDER BY seq) AS metadatas, "
+        "array_agg(created_at ORDER BY seq) AS times "
+        f"FROM {{s}}.messages WHERE session_pk = s.pk) m WHERE {_ONE_LIVE}"
+    ),
+    # A session with its state and messages, as given; nothing if its folder is not its
+    # owner's (share-locked, as insert does).
+    "load": (
+        "WITH s AS (INSERT INTO {s}.sessions (tenant, id, owner, folder, title, status, step, "
+        "metadata, version, created_at, updated_at, expires_at, idle_ttl, deadline, "
+        "message_count, last_seq, input_tokens, output_tokens, cost) "
+        "SELECT $1, $2, $3, $4::text, $5, $6, $7::text, $8::jsonb, $9::bigint, $10::float8, "
+        "$11::float8, $12::float8, $13::float8, $14::float8, $15::bigint, $16::bigint, "
+        "$17::bigint, $18::bigint, $19::float8 "
+        "WHERE $4::text IS NULL OR EXISTS (SELECT 1 FROM {s}.folders f WHERE f.tenant = $1 "
+        "AND f.id = $4 AND f.owner IS NOT DISTINCT FROM $3 FOR KEY SHARE) RETURNING pk), "
+        "a AS (INSERT INTO {s}.activity (session_pk, tenant, owner_key, id, updated_at) "
+        "SELECT pk, $1::text, coalesce($3::text, ''), $2::text, $11::float8 FROM s), "
+        "st AS (INSERT INTO {s}.states (session_pk, state) SELECT pk, $20::jsonb FROM s), "
+        "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+        "output_tokens, cost, metadata, created_at) SELECT s.pk, d.* FROM s, "
+        f"unnest($21::bigint[], {_MESSAGE_ARRAYS % (22, 23, 24, 25, 26, 27)}, $28::float8[]) "
+        "AS d) SELECT pk FROM s"
+    ),
+    # Replace is a flag, so one prepared statement serves both: a kept folder is locked
+    # but not written, and returns nothing.
+    "load_folder": (
+        "INSERT INTO {s}.folders VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, id) "
+        "DO UPDATE SET owner = excluded.owner, name = excluded.name, "
+        "created_at = excluded.created_at WHERE $6::boolean RETURNING 1"
+    ),
     # The queue pattern: sessions another purger (or a writer) holds are skipped.
     "lock_expired": (
         "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED"
@@ -387,6 +432,10 @@ _STATEMENTS: dict[str, str] = {
         "LIMIT $2 FOR UPDATE SKIP LOCKED"
     ),
 }
+
+
+class _Taken(Exception):
+    """A session with the id was created while a load was writing it: load again."""
 
 
 def _quote(schema: str) -> str:
@@ -1147,3 +1196,71 @@ class PostgresEngine(Engine):
             return len(rows)
 
         return await self._transact(job)
+
+    # --- transfer ----------------------------------------------------------------------
+
+    async def list_tenants(self, now: float) -> list[str]:
+        return [row[0] for row in await self._fetch(self._sql["list_tenants"], now)]
+
+    async def export_session(
+        self, tenant: str, session_id: str, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]] | None:
+        rows = await self._fetch(self._sql["export"], tenant, session_id, now)
+        if not rows:
+            return None
+        row = rows[0]
+        record = SessionRecord(*row[:20])
+        seqs = row[20]
+        if seqs is None:  # no messages
+            return record, []
+        columns = zip(seqs, *row[21:], strict=True)
+        return record, [MessageRecord(session_id, *values) for values in columns]
+
+    async def load_session(
+        self, record: SessionRecord, messages: list[MessageRecord], now: float, replace: bool
+    ) -> bool:
+        r = record
+        args = (
+            *_insert_args(r),
+            [m.seq for m in messages],
+            *_message_arrays(messages),
+            [m.created_at for m in messages],
+        )
+
+        async def job(conn: Connection) -> bool:
+            row = await conn.fetchrow(self._sql["lock_id"], r.tenant, r.id)
+            if row is not None:
+                if not replace and not rules.is_expired(row[1], now):
+                    return False
+                await conn.execute(self._sql["drop"], [row[0]])
+            try:
+                loaded = await conn.fetchval(self._sql["load"], *args)
+            except asyncpg.UniqueViolationError as exc:  # created meanwhile: look again
+                raise _Taken(f"session {r.id!r} kept being created while it was loaded") from exc
+            except asyncpg.UntranslatableCharacterError as exc:
+                raise _unstorable(r.state, r.metadata) from exc
+            if loaded is None:  # rolls back the drop
+                raise NotFound(f"no folder {r.folder!r} of owner {r.owner!r}")
+            return True
+
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            try:
+                return await self._transact(job)
+            except _Taken as exc:
+                if attempt == _DEADLOCK_RETRIES:
+                    raise self._unavailable(exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
+        r = record
+
+        async def job(conn: Connection) -> bool:
+            try:
+                loaded = await conn.fetchval(
+                    self._sql["load_folder"], r.tenant, r.id, r.owner, r.name, r.created_at, replace
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(f"owner {r.owner!r} already has a folder {r.name!r}") from exc
+            return loaded is not None
+
+        return await self._run(job)

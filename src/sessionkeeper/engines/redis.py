@@ -21,7 +21,8 @@ Cross-session indexes live under the tenant's own hash tag ``{t}``, one slot per
     P{t}:folder:<f>          hash: a folder's owner, name, created_at
     P{t}:folders             set of folder ids
     P{t}:folder-names        hash "<owner><name>" -> folder id: names unique per owner
-    Ptenants                 zset of tenants, for purging every tenant
+    Ptenants                 zset of every tenant that has had a session or a folder, for
+                             purging every tenant and listing them
 
 Every key of a session carries PEXPIREAT = ``expires_at``, set by every write and idle
 renewal, so Redis drops expired sessions by itself; reads still judge expiry by the ``now``
@@ -492,6 +493,40 @@ redis.call('HSET', META, 'version', int(tonumber(m[1]) + 1), 'updated_at', ARGV[
 return {'moved', alive, m[6], m[4], m[5]}
 """
 
+# ARGV: now. Replies nil, or {fields, state, every message joined by \030}, all read at
+# once; renews nothing (an export never changes its source).
+_EXPORT = (
+    _LUA_REST
+    + r"""
+local m = live(now, REST)
+if not m then return false end
+local found = redis.call('ZRANGE', MSGS, 0, -1)
+return {record(m), redis.call('GET', STATE), table.concat(found, '\030')}
+"""
+)
+
+# A session written exactly as given. ARGV: now, '1' to replace a live session, expires_at
+# or '', state, how many field/value ARGV follow, the field/value pairs, then (seq, stored
+# text) per message. Replies 0 if a live session has the id and is kept, 1 if stored, 2 if
+# stored over an expired one, 3 over a live one.
+_LOAD = r"""
+local old = redis.call('HMGET', META, 'version', 'expires_at')
+local alive = old[1] and not (old[2] and tonumber(old[2]) <= now)
+if alive and ARGV[2] ~= '1' then return 0 end
+redis.call('DEL', META, STATE, MSGS)
+local fields = 5 + tonumber(ARGV[5])
+redis.call('HSET', META, unpack(ARGV, 6, fields))
+redis.call('SET', STATE, ARGV[4])
+for j = fields + 1, LAST, 1000 do
+  redis.call('ZADD', MSGS, unpack(ARGV, j, math.min(j + 999, LAST)))
+end
+expire_at(tonumber(ARGV[3]))
+index()
+if alive then return 3 end
+if old[1] then return 2 end
+return 1
+"""
+
 # Tenant scripts: every key under the tenant's hash tag. A folder name's key in
 # folder-names is the owner, length-prefixed ('-' for None), then the name.
 _LUA_TENANT = r"""
@@ -509,6 +544,28 @@ if ARGV[5] == '1' then owner = ARGV[4] end
 local key = name_key(owner, ARGV[2])
 if redis.call('HEXISTS', KEYS[3], key) == 1 then return 'name' end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'id' end
+redis.call('HSET', KEYS[3], key, ARGV[1])
+redis.call('HSET', KEYS[1], 'name', ARGV[2], 'created_at', ARGV[3])
+if owner then redis.call('HSET', KEYS[1], 'owner', owner) end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 'ok'
+"""
+
+# KEYS: folder, folders, folder-names. ARGV: id, name, created_at, owner ('' with no owner
+# flag), '1' if it has an owner, '1' to overwrite a folder with the id. Replies 'ok', 'kept'
+# (the id is taken and kept) or 'name' (another folder of the owner has the name).
+_LOAD_FOLDER = r"""
+local owner = false
+if ARGV[5] == '1' then owner = ARGV[4] end
+local f = redis.call('HMGET', KEYS[1], 'name', 'owner')
+if f[1] and ARGV[6] ~= '1' then return 'kept' end
+local key = name_key(owner, ARGV[2])
+local holder = redis.call('HGET', KEYS[3], key)
+if holder and holder ~= ARGV[1] then return 'name' end
+if f[1] then
+  redis.call('HDEL', KEYS[3], name_key(f[2], f[1]))
+  redis.call('DEL', KEYS[1])
+end
 redis.call('HSET', KEYS[3], key, ARGV[1])
 redis.call('HSET', KEYS[1], 'name', ARGV[2], 'created_at', ARGV[3])
 if owner then redis.call('HSET', KEYS[1], 'owner', owner) end
@@ -591,7 +648,10 @@ _SCRIPTS = {
     "change": _Script.of(_SESSION, _CHANGE),
     "purge": _Script.of(_SESSION, _PURGE),
     "leave_folder": _Script.of(_SESSION, _LEAVE_FOLDER),
+    "export": _Script.of(_SESSION, _EXPORT),
+    "load": _Script.of(_SESSION, _LOAD),
     "insert_folder": _Script.of(_LUA_TENANT, _INSERT_FOLDER),
+    "load_folder": _Script.of(_LUA_TENANT, _LOAD_FOLDER),
     "rename_folder": _Script.of(_LUA_TENANT, _RENAME_FOLDER),
     "delete_folder": _Script.of(_LUA_TENANT, _DELETE_FOLDER),
     "restore_updated": _Script.of(_RESTORE_UPDATED),
@@ -1019,7 +1079,7 @@ class RedisEngine(Engine):
 
     @property
     def _registry(self) -> str:
-        """The zset of every tenant with sessions, for purging them all."""
+        """The zset of every tenant that has had a session or a folder."""
         return f"{self._options.prefix}tenants"
 
     def _tenant(self, tenant: str) -> _Tenant:
@@ -1572,11 +1632,23 @@ class RedisEngine(Engine):
             record.owner or "",
             "1" if has_owner else "0",
         ]
-        taken = await self._eval("insert_folder", keys, args)
+        taken = await self._folder_script("insert_folder", record.tenant, keys, args)
         if taken == "name":
             raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
         if taken == "id":
             raise AlreadyExists(f"folder {record.id!r} already exists")
+
+    async def _folder_script(
+        self, name: str, tenant: str, keys: Sequence[str], args: Sequence[str]
+    ) -> Any:
+        """Run a script that writes a folder, adding its tenant to the registry first (on
+        one server; on Cluster beside it): an extra registry entry is harmless."""
+
+        def queue(pipe: _Pipe) -> None:
+            pipe.zadd(self._registry, {tenant: 0.0}, nx=True)
+            self._queue_eval(pipe, name, keys, args)
+
+        return (await self._run(queue))[1]
 
     @_hook
     async def get_folder(self, tenant: str, folder_id: str, now: float) -> FolderRecord | None:
@@ -1729,6 +1801,100 @@ class RedisEngine(Engine):
                 pipe.zrem(t.expiry, sid)
             else:
                 pipe.zadd(t.expiry, {sid: float(reply[1])}, xx=True)
+
+    # --- transfer ----------------------------------------------------------------------
+
+    @_hook
+    async def list_tenants(self, now: float) -> list[str]:
+        # The registry holds every tenant that ever had a session or a folder: keep those
+        # that have a folder, or a live session among their by-created candidates.
+        names = cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
+        folders: list[int] = await self._run(
+            lambda pipe: [pipe.scard(self._tenant(name).folders) for name in names]
+        )
+        found = [name for name, count in zip(names, folders, strict=True) if count]
+        for name in names:
+            if name not in found and await self._has_live(name, now):
+                found.append(name)
+        return sorted(found)
+
+    async def _has_live(self, tenant: str, now: float) -> bool:
+        """Whether any session of ``tenant`` is live at ``now``."""
+        created = self._tenant(tenant).created
+        async with contextlib.aclosing(self._pages(created, "-inf", "+inf", False)) as pages:
+            async for page in pages:
+                records = await self._load(tenant, [sid for sid, _ in page])
+                if any(r is not None and not rules.is_expired(r.expires_at, now) for r in records):
+                    return True
+        return False
+
+    @_hook
+    async def export_session(
+        self, tenant: str, session_id: str, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]] | None:
+        keys = self._session_keys(tenant, session_id)
+        found = await self._eval("export", keys, [repr(now)])
+        if found is None:
+            return None
+        fields, state, joined = found
+        record = _record(tenant, session_id, _unpack(fields), state)
+        return record, [_message(session_id, m) for m in joined.split(_RS)] if joined else []
+
+    @_hook
+    async def load_session(
+        self, record: SessionRecord, messages: list[MessageRecord], now: float, replace: bool
+    ) -> bool:
+        r = record
+        assert r.state is not None  # an exported session always has its state
+        keys = self._session_keys(r.tenant, r.id)
+        try:
+            await self._check_folder(r.tenant, r.folder, r.owner)
+        except NotFound:
+            # A live session that is kept comes first, as on the other engines.
+            if not replace and await self._eval("get", keys, [repr(now), "0", "0"]) is not None:
+                return False
+            raise
+        pairs: list[str] = []
+        for name in _FIELDS:
+            value = getattr(r, name)
+            if value is not None:
+                pairs += [name, _text(value)]
+        expires = "" if r.expires_at is None else repr(r.expires_at)
+        args = [repr(now), "1" if replace else "0", expires, r.state, str(len(pairs)), *pairs]
+        for m in messages:
+            text = _stored(
+                m.role, m.content, m.input_tokens, m.output_tokens, m.cost, m.metadata, m.created_at
+            )
+            args += [str(m.seq), f"{m.seq}{_SEP}{text}"]
+        # As insert_session: on Cluster NX keeps a kept session's entries, and the scores of
+        # a session written over another are set once the script has replaced it.
+        cluster = self._options.cluster
+        adds = self._insert_adds(r, "NX" if cluster else "")
+        stored = await self._write("load", keys, args, adds)
+        if stored == 0:
+            return False
+        if stored != 1 and cluster:
+            await self._run(functools.partial(_queue_adds, self._insert_adds(r, "")))
+        return True
+
+    @_hook
+    async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
+        r = record
+        t = self._tenant(r.tenant)
+        args = [
+            r.id,
+            r.name,
+            repr(r.created_at),
+            r.owner or "",
+            "0" if r.owner is None else "1",
+            "1" if replace else "0",
+        ]
+        reply = await self._folder_script(
+            "load_folder", r.tenant, [t.folder(r.id), t.folders, t.names], args
+        )
+        if reply == "name":
+            raise AlreadyExists(f"owner {r.owner!r} already has a folder {r.name!r}")
+        return bool(reply == "ok")
 
 
 def _version(expected_version: int | None) -> str:

@@ -1,8 +1,9 @@
 """The SQLite engine: WAL, one writer thread that group-commits, and reader threads.
 
 Writes from every task queue up for one writer thread, which runs all that are waiting in
-one ``BEGIN IMMEDIATE`` transaction, each inside its own savepoint (so one failing write
-leaves the others whole), then commits once and hands out the results. Readers run on
+one ``BEGIN IMMEDIATE`` transaction, then commits once and hands out the results. A job
+raises a domain error only before its first write; any other failure rolls the batch back
+and each job is run again alone, so one failing write leaves the others whole. Readers run on
 their own threads and connections and never wait for the writer. Other processes are kept
 out by SQLite's write lock, waited for up to ``sqlite_busy_timeout`` seconds.
 """
@@ -699,10 +700,36 @@ class SQLiteEngine(Engine):
     async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
         return await self._write(partial(_w_purge, tenant, now, limit))
 
+    # --- transfer ----------------------------------------------------------------------
+
+    async def list_tenants(self, now: float) -> list[str]:
+        sql = (
+            f"SELECT DISTINCT s.tenant FROM sessions s WHERE {_LIVE} "
+            "UNION SELECT tenant FROM folders ORDER BY 1"
+        )
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute(sql, (now,))]
+
+        return await self._read(run)
+
+    async def export_session(
+        self, tenant: str, session_id: str, now: float
+    ) -> tuple[SessionRecord, list[MessageRecord]] | None:
+        return await self._read(partial(_r_export, tenant, session_id, now))
+
+    async def load_session(
+        self, record: SessionRecord, messages: list[MessageRecord], now: float, replace: bool
+    ) -> bool:
+        return await self._write(partial(_w_load, record, messages, now, replace))
+
+    async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
+        return await self._write(partial(_w_load_folder, record, replace))
+
 
 # --- jobs: each runs on a worker thread with that worker's connection -------------------
-# Writers run inside the writer's transaction and savepoint; readers inside a read
-# transaction. The connection comes last so ``partial`` can bind the rest.
+# Writers run inside the writer's transaction; readers in autocommit (a reader that needs
+# one snapshot for several statements BEGINs one). The connection comes last for ``partial``.
 
 
 def _w_insert(record: SessionRecord, now: float, conn: sqlite3.Connection) -> None:
@@ -985,3 +1012,88 @@ def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connectio
         ).fetchall()
     _drop_sessions(conn, pks)
     return len(pks)
+
+
+def _r_export(
+    tenant: str, session_id: str, now: float, conn: sqlite3.Connection
+) -> tuple[SessionRecord, list[MessageRecord]] | None:
+    conn.execute("BEGIN")  # the session and its messages from one snapshot
+    try:
+        found = _live_row(conn, _WITH_STATE, tenant, session_id, now)
+        if found is None:
+            return None
+        pk, record = found
+        rows = conn.execute(
+            f"SELECT {_MESSAGE} FROM messages WHERE session_pk = ? ORDER BY seq", (pk,)
+        )
+        return record, [MessageRecord(session_id, *row) for row in rows]
+    finally:
+        conn.execute("COMMIT")
+
+
+def _w_load(
+    record: SessionRecord,
+    messages: list[MessageRecord],
+    now: float,
+    replace: bool,
+    conn: sqlite3.Connection,
+) -> bool:
+    row = conn.execute(
+        "SELECT pk, expires_at FROM sessions WHERE tenant = ? AND id = ?",
+        (record.tenant, record.id),
+    ).fetchone()
+    if row is not None and not replace and not rules.is_expired(row[1], now):
+        return False
+    _check_folder(conn, record.tenant, record.folder, record.owner)
+    if row is not None:
+        _drop_sessions(conn, [(row[0],)])
+    r = record
+    cursor = conn.execute(
+        _INSERT_SESSION,
+        (
+            r.tenant,
+            r.id,
+            r.owner,
+            r.folder,
+            r.title,
+            r.status,
+            r.step,
+            r.metadata,
+            r.version,
+            r.created_at,
+            r.updated_at,
+            r.expires_at,
+            r.idle_ttl,
+            r.deadline,
+            r.message_count,
+            r.last_seq,
+            r.input_tokens,
+            r.output_tokens,
+            r.cost,
+        ),
+    )
+    pk = cursor.lastrowid
+    conn.execute("INSERT INTO states VALUES (?, ?)", (pk, r.state))
+    conn.executemany(_INSERT_MESSAGE, [(pk, *_message_row(m)) for m in messages])
+    return True
+
+
+def _w_load_folder(record: FolderRecord, replace: bool, conn: sqlite3.Connection) -> bool:
+    r = record
+    taken = conn.execute(
+        "SELECT id FROM folders WHERE tenant = ? AND owner IS ? AND name = ? AND id != ?",
+        (r.tenant, r.owner, r.name, r.id),
+    ).fetchone()
+    exists = conn.execute(
+        "SELECT 1 FROM folders WHERE tenant = ? AND id = ?", (r.tenant, r.id)
+    ).fetchone()
+    if exists is not None and not replace:
+        return False
+    if taken is not None:
+        raise AlreadyExists(f"owner {r.owner!r} already has a folder {r.name!r}")
+    conn.execute(
+        "INSERT INTO folders VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET "
+        "owner = excluded.owner, name = excluded.name, created_at = excluded.created_at",
+        (r.tenant, r.id, r.owner, r.name, r.created_at),
+    )
+    return True
