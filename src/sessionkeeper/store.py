@@ -8,6 +8,7 @@ SQL or Redis: that is the engine's job.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -42,10 +43,13 @@ from .models import (
 )
 from .settings import Settings
 
-__all__ = ["MessageLike", "OrderBy", "SessionStore", "open_store"]
+__all__ = ["LoadOutcome", "MessageLike", "OrderBy", "SessionStore", "open_store"]
 
 MessageLike = MessageIn | Mapping[str, Any]
 OrderBy = Literal["created_at", "updated_at"]
+#: What ``load_session`` did: wrote the copy, kept the live session with its id, or
+#: wrote nothing because the copy has expired.
+LoadOutcome = Literal["loaded", "kept", "expired"]
 
 _DAY = 86_400.0
 _MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
@@ -132,6 +136,29 @@ def _cost(value: object, field: str) -> float:
     if not 0 <= value < float("inf"):
         raise InvalidInput(field, "must be a finite number, 0 or more")
     return float(value)
+
+
+def _instant(value: object, field: str) -> float:
+    """A point in time as Unix seconds (records carry floats, files may carry integers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(field, f"must be Unix seconds, a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidInput(field, "must be a finite number of Unix seconds")
+    return float(value)
+
+
+def _parsed(text: object, field: str) -> Any:
+    """The value of stored JSON text; InvalidInput if it is not JSON text."""
+    if not isinstance(text, str):
+        raise InvalidInput(field, f"must be JSON text, not {type(text).__name__}")
+    try:
+        return rules.decode_json(text)
+    except ValueError:
+        raise InvalidInput(field, "is not valid JSON text") from None
+
+
+def _folder_id(record: FolderRecord) -> str:
+    return record.id
 
 
 def _version(value: object) -> int | None:
@@ -807,3 +834,200 @@ class SessionStore:
             total += purged
             if purged < size:
                 return total
+
+    # --- transfer: export, import, migrate, backup ------------------------------------
+    # These speak records, the exact stored form (Unix-second floats, JSON text, the
+    # idle-expiry deadline), so a copy keeps every field. Nothing here renews a session.
+
+    async def list_tenants(self) -> list[str]:
+        """Every tenant of the engine that has a live session or a folder, sorted."""
+        return await self.engine.list_tenants(self._now())
+
+    async def export_session(self, session_id: str) -> tuple[SessionRecord, list[MessageRecord]]:
+        """The session as stored, with its state and every message (oldest first), read
+        as one snapshot. Renews nothing. Raises NotFound if absent or expired."""
+        found = await self.engine.export_session(
+            self.tenant, self._session_id(session_id), self._now()
+        )
+        if found is None:
+            raise NotFound(f"no session {session_id!r}")
+        return found
+
+    async def export_folders(self) -> list[FolderRecord]:
+        """Every folder of this tenant as stored, by id."""
+        records = await self.engine.list_folders(self.tenant, None, False, self._now())
+        return sorted(records, key=_folder_id)
+
+    async def load_session(
+        self,
+        record: SessionRecord,
+        messages: Sequence[MessageRecord],
+        *,
+        replace: bool = False,
+        dry_run: bool = False,
+    ) -> LoadOutcome:
+        """Write a session exactly as given (id, version, timestamps, expiry, aggregates,
+        seqs), with its messages, atomically: all of it lands or none of it does.
+
+        Everything is checked first, as for any write: ids, text, JSON limits, seqs
+        strictly ascending and at most ``last_seq``, and aggregates that match the
+        messages (``message_count`` and tokens exactly, ``cost`` to rounding). JSON text
+        is re-encoded compactly. Expiry is kept as given (``max_ttl`` applies to sessions
+        this store creates, not to copies). Returns "loaded"; "kept" when a live session
+        has the id and ``replace`` is False (nothing written); "expired" when the copy's
+        ``expires_at`` has passed (nothing written). ``dry_run`` checks and says what
+        would happen without writing. Raises InvalidInput, or NotFound if ``folder`` is
+        not a folder of ``owner``.
+        """
+        if not isinstance(replace, bool):
+            raise InvalidInput("replace", "must be true or false")
+        checked, checked_messages = self.check_loadable(record, messages)
+        now = self._now()
+        if rules.is_expired(checked.expires_at, now):
+            return "expired"
+        if dry_run:
+            if replace:
+                return "loaded"
+            found = await self.engine.export_session(self.tenant, checked.id, now)
+            return "loaded" if found is None else "kept"
+        written = await self.engine.load_session(checked, checked_messages, now, replace)
+        return "loaded" if written else "kept"
+
+    async def load_folder(
+        self, record: FolderRecord, *, replace: bool = False, dry_run: bool = False
+    ) -> bool:
+        """Write a folder with its own id and ``created_at``. Returns False when one with
+        the id exists and ``replace`` is False (nothing written). Raises InvalidInput, or
+        AlreadyExists if another folder of the owner has the name."""
+        if not isinstance(record, FolderRecord):
+            raise InvalidInput("record", f"must be a FolderRecord, not {type(record).__name__}")
+        if not isinstance(replace, bool):
+            raise InvalidInput("replace", "must be true or false")
+        self._check_tenant(record.tenant)
+        checked = FolderRecord(
+            tenant=self.tenant,
+            id=rules.check_id(record.id, "id"),
+            owner=_optional_text(record.owner, "owner", _MAX_NAME),
+            name=_text(record.name, "name", _MAX_NAME),
+            created_at=_instant(record.created_at, "created_at"),
+        )
+        if dry_run:
+            found = await self.engine.get_folder(self.tenant, checked.id, self._now())
+            return replace or found is None
+        return await self.engine.load_folder(checked, replace)
+
+    def _check_tenant(self, tenant: object) -> None:
+        if tenant != self.tenant:
+            raise InvalidInput(
+                "tenant",
+                f"is {tenant!r}, but this store is for tenant {self.tenant!r}: "
+                f"load it through store.for_tenant({tenant!r})",
+            )
+
+    def check_loadable(
+        self, record: SessionRecord, messages: Sequence[MessageRecord]
+    ) -> tuple[SessionRecord, list[MessageRecord]]:
+        """The checks of ``load_session``, without writing: the session and its messages
+        as they would be written (JSON re-encoded). Raises InvalidInput."""
+        if not isinstance(record, SessionRecord):
+            raise InvalidInput("record", f"must be a SessionRecord, not {type(record).__name__}")
+        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+            raise InvalidInput("messages", "must be a list of MessageRecord")
+        settings = self.settings
+        self._check_tenant(record.tenant)
+        r = record
+        sid = rules.check_id(r.id, "id")
+        created_at = _instant(r.created_at, "created_at")
+        updated_at = _instant(r.updated_at, "updated_at")
+        if updated_at < created_at:
+            raise InvalidInput("updated_at", "must not be before created_at")
+        expires_at = None if r.expires_at is None else _instant(r.expires_at, "expires_at")
+        deadline = None if r.deadline is None else _instant(r.deadline, "deadline")
+        idle_ttl = None if r.idle_ttl is None else _seconds(r.idle_ttl, "idle_ttl")
+        if idle_ttl is None and deadline != expires_at:
+            raise InvalidInput("deadline", "must equal expires_at when idle_ttl is null")
+        if idle_ttl is not None and expires_at is None:
+            raise InvalidInput("expires_at", "must be set when idle_ttl is")
+        if deadline is not None and expires_at is not None and expires_at > deadline:
+            raise InvalidInput("expires_at", "must not be after deadline")
+        checked = SessionRecord(
+            tenant=self.tenant,
+            id=sid,
+            owner=_optional_text(r.owner, "owner", _MAX_NAME),
+            folder=self._optional_id(r.folder, "folder"),
+            title=_text(r.title, "title", settings.max_title_length, empty_ok=True),
+            status=_status(r.status),
+            step=_optional_text(r.step, "step", _MAX_NAME),
+            metadata=self._json_object_text(r.metadata, "metadata", settings.max_metadata_bytes),
+            state=self._json_object_text(r.state, "state", settings.max_state_bytes),
+            version=_int(r.version, "version", 1),
+            created_at=created_at,
+            updated_at=updated_at,
+            expires_at=expires_at,
+            idle_ttl=idle_ttl,
+            deadline=deadline,
+            message_count=_int(r.message_count, "message_count", 0),
+            last_seq=_int(r.last_seq, "last_seq", 0),
+            input_tokens=_int(r.input_tokens, "input_tokens", 0),
+            output_tokens=_int(r.output_tokens, "output_tokens", 0),
+            cost=_cost(r.cost, "cost"),
+        )
+        checked_messages = [self._loadable_message(sid, m, i) for i, m in enumerate(messages)]
+        self._check_aggregates(checked, checked_messages)
+        return checked, checked_messages
+
+    def _loadable_message(self, session_id: str, m: MessageRecord, index: int) -> MessageRecord:
+        field = f"messages[{index}]"
+        if not isinstance(m, MessageRecord):
+            raise InvalidInput(field, f"must be a MessageRecord, not {type(m).__name__}")
+        if m.session_id != session_id:
+            raise InvalidInput(f"{field}.session_id", f"must be the session's id {session_id!r}")
+        max_bytes = self.settings.max_message_bytes
+        content = rules.encode_json(
+            _parsed(m.content, f"{field}.content"),
+            f"{field}.content",
+            max_bytes,
+            self.settings.max_depth,
+        )
+        return MessageRecord(
+            session_id=session_id,
+            seq=_int(m.seq, f"{field}.seq", 1),
+            role=_text(m.role, f"{field}.role", 64),
+            content=content,
+            input_tokens=_int(m.input_tokens, f"{field}.input_tokens", 0),
+            output_tokens=_int(m.output_tokens, f"{field}.output_tokens", 0),
+            cost=_cost(m.cost, f"{field}.cost"),
+            metadata=self._json_object_text(
+                m.metadata, f"{field}.metadata", max_bytes - len(content)
+            ),
+            created_at=_instant(m.created_at, f"{field}.created_at"),
+        )
+
+    @staticmethod
+    def _check_aggregates(record: SessionRecord, messages: list[MessageRecord]) -> None:
+        previous = 0
+        for index, m in enumerate(messages):
+            if m.seq <= previous:
+                raise InvalidInput(
+                    f"messages[{index}].seq",
+                    f"is {m.seq}, not above the seq before it ({previous}): seqs must ascend",
+                )
+            previous = m.seq
+        if previous > record.last_seq:
+            raise InvalidInput(
+                "last_seq", f"is {record.last_seq}, below the highest message seq {previous}"
+            )
+        sums = (
+            ("message_count", record.message_count, len(messages)),
+            ("input_tokens", record.input_tokens, sum(m.input_tokens for m in messages)),
+            ("output_tokens", record.output_tokens, sum(m.output_tokens for m in messages)),
+        )
+        for name, stated, actual in sums:
+            if stated != actual:
+                raise InvalidInput(name, f"is {stated}, but the messages add up to {actual}")
+        total = math.fsum(m.cost for m in messages)
+        if not math.isclose(record.cost, total, rel_tol=1e-6, abs_tol=1e-9):
+            raise InvalidInput("cost", f"is {record.cost!r}, but the messages add up to {total!r}")
+
+    def _json_object_text(self, text: object, field: str, max_bytes: int) -> str:
+        return self._json_object(_parsed(text, field), field, max_bytes)

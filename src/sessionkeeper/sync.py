@@ -18,16 +18,19 @@ from .models import (
     UNSET,
     ChangeResult,
     Folder,
+    FolderRecord,
     Message,
+    MessageRecord,
     Page,
     Session,
+    SessionRecord,
     SessionSummary,
     Stats,
     Status,
     Unset,
 )
 from .settings import Settings
-from .store import MessageLike, OrderBy, SessionStore, open_store
+from .store import LoadOutcome, MessageLike, OrderBy, SessionStore, open_store
 
 __all__ = ["SyncSessionStore", "open_store_sync"]
 
@@ -389,3 +392,38 @@ class SyncSessionStore:
         return self._portal.call(
             self._store.purge_expired(batch_size=batch_size, all_tenants=all_tenants)
         )
+
+    def list_tenants(self) -> list[str]:
+        """Every tenant of the engine that has a live session or a folder, sorted."""
+        return self._portal.call(self._store.list_tenants())
+
+    def export_session(self, session_id: str) -> tuple[SessionRecord, list[MessageRecord]]:
+        """The session as stored, with its state and every message (oldest first), read as one
+        snapshot. Renews nothing. Raises NotFound if absent or expired."""
+        return self._portal.call(self._store.export_session(session_id))
+
+    def export_folders(self) -> list[FolderRecord]:
+        """Every folder of this tenant as stored, by id."""
+        return self._portal.call(self._store.export_folders())
+
+    def load_session(
+        self,
+        record: SessionRecord,
+        messages: Sequence[MessageRecord],
+        *,
+        replace: bool = False,
+        dry_run: bool = False,
+    ) -> LoadOutcome:
+        """Write a session exactly as given (id, version, timestamps, expiry, aggregates, seqs),
+        with its messages, atomically: all of it lands or none of it does."""
+        return self._portal.call(
+            self._store.load_session(record, messages, replace=replace, dry_run=dry_run)
+        )
+
+    def load_folder(
+        self, record: FolderRecord, *, replace: bool = False, dry_run: bool = False
+    ) -> bool:
+        """Write a folder with its own id and ``created_at``. Returns False when one with the id
+        exists and ``replace`` is False (nothing written). Raises InvalidInput, or
+        AlreadyExists if another folder of the owner has the name."""
+        return self._portal.call(self._store.load_folder(record, replace=replace, dry_run=dry_run))

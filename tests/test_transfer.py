@@ -1,0 +1,556 @@
+"""Export, import, migrate and verify on memory and SQLite: the file format, every way a
+file can be bad, the store's checks on loaded records, and a migration killed mid-way."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sessionkeeper import (
+    AlreadyExists,
+    FrozenClock,
+    InvalidInput,
+    NotFound,
+    SessionStore,
+    Settings,
+    open_store,
+    open_store_sync,
+)
+from sessionkeeper.models import FolderRecord, MessageRecord, SessionRecord
+from sessionkeeper.transfer import (
+    FORMAT,
+    export_store,
+    import_file,
+    migrate,
+    session_checksum,
+    verify,
+)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+async def store(clock: FrozenClock) -> AsyncIterator[SessionStore]:
+    async with open_store("memory://", clock=clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def target(clock: FrozenClock) -> AsyncIterator[SessionStore]:
+    async with open_store("memory://", clock=clock) as opened:
+        yield opened
+
+
+async def sample(store: SessionStore, count: int = 3) -> list[str]:
+    """``count`` sessions with two messages each; the first in a folder of alice."""
+    folder = await store.create_folder("Work", owner="alice")
+    ids = []
+    for n in range(count):
+        session = await store.create_session(
+            session_id=f"s{n}",
+            owner="alice",
+            folder=folder.id if n == 0 else None,
+            state={"n": n},
+        )
+        await store.append_messages(
+            session.id,
+            [
+                {"role": "user", "content": f"hello {n}", "input_tokens": 5, "cost": 0.25},
+                {"role": "assistant", "content": {"text": "hi"}, "output_tokens": 7},
+            ],
+        )
+        ids.append(session.id)
+    return ids
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_lines(path: Path, rows: list[Any]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    return path
+
+
+async def exported_lines(store: SessionStore, tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "export.jsonl"
+    await export_store(store, path)
+    return lines(path)
+
+
+# --- the format ------------------------------------------------------------------------
+
+
+async def test_an_export_is_a_header_folders_sessions_and_an_end_line(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store, 2)
+    rows = await exported_lines(store, tmp_path)
+    assert rows[0] == {"format": FORMAT, "version": 1}
+    assert [row["type"] for row in rows[1:]] == ["folder", "session", "session", "end"]
+    assert rows[-1] == {"type": "end", "tenants": 1, "folders": 1, "sessions": 2, "messages": 4}
+    session = rows[2]
+    assert session["id"] == "s0"
+    assert session["state"] == {"n": 0}
+    assert [m["seq"] for m in session["messages"]] == [1, 2]
+    assert session["messages"][1]["content"] == {"text": "hi"}
+    assert session["created_at"] == 1_700_000_000.0
+    assert (session["input_tokens"], session["output_tokens"], session["cost"]) == (5, 7, 0.25)
+    text = (tmp_path / "export.jsonl").read_text().splitlines()
+    assert all(list(json.loads(t)) == sorted(json.loads(t)) for t in text)  # sorted keys
+    assert all(" " not in t.replace("hello ", "") for t in text)  # no spaces
+
+
+async def test_compressed_exports_are_deterministic_and_read_back(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store)
+    plain = tmp_path / "a.jsonl"
+    await export_store(store, plain)
+    for suffix in (".jsonl.gz", ".jsonl.zst"):
+        first, second = tmp_path / f"1{suffix}", tmp_path / f"2{suffix}"
+        await export_store(store, first)
+        await export_store(store, second)
+        assert first.read_bytes() == second.read_bytes()
+        assert first.stat().st_size < plain.stat().st_size
+    assert gzip.decompress((tmp_path / "1.jsonl.gz").read_bytes()) == plain.read_bytes()
+    report = await import_file(target, tmp_path / "1.jsonl.zst")
+    assert (report.imported, report.messages, report.folders_imported) == (3, 6, 1)
+
+
+async def test_an_export_path_must_name_a_known_suffix(store: SessionStore, tmp_path: Path) -> None:
+    for path in (tmp_path / "x.json", tmp_path / "x.jsonl.bz2", ""):
+        with pytest.raises(InvalidInput) as caught:
+            await export_store(store, path)
+        assert caught.value.field == "path"
+    with pytest.raises(InvalidInput, match="cannot write"):
+        await export_store(store, tmp_path / "missing" / "x.jsonl")
+    assert os.listdir(tmp_path) == []
+
+
+async def test_an_export_that_fails_leaves_no_file(store: SessionStore, tmp_path: Path) -> None:
+    await sample(store)
+
+    def explode(done: int, total: int) -> None:
+        if done == 2:
+            raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        await export_store(store, tmp_path / "x.jsonl.gz", progress=explode)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_export_skips_expired_sessions_and_renews_nothing(
+    store: SessionStore, clock: FrozenClock, tmp_path: Path
+) -> None:
+    idle = await store.create_session(session_id="idle", idle_ttl=100)
+    await store.create_session(session_id="brief", ttl=10)
+    clock.advance(50)
+    rows = await exported_lines(store, tmp_path)
+    assert [row["id"] for row in rows if row.get("type") == "session"] == ["idle"]
+    assert rows[1]["expires_at"] == idle.expires_at.timestamp() if idle.expires_at else False
+    clock.advance(50)  # had the export renewed it, it would live on
+    with pytest.raises(NotFound):
+        await store.get_session("idle")
+
+
+def test_the_checksum_is_of_the_canonical_line() -> None:
+    record = SessionRecord(
+        "t",
+        "s",
+        None,
+        None,
+        "",
+        "active",
+        None,
+        '{"b":1,"a":2}',
+        "{}",
+        1,
+        1.0,
+        1.0,
+        None,
+        None,
+        None,
+    )
+    reordered = dataclasses.replace(record, metadata='{"a": 2, "b": 1}')
+    assert session_checksum(record, []) == session_checksum(reordered, [])
+    assert session_checksum(record, []) != session_checksum(
+        dataclasses.replace(record, version=2), []
+    )
+
+
+# --- import: conflicts, expiry, dry run ------------------------------------------------
+
+
+async def test_on_conflict_skip_overwrite_or_fail(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store)
+    path = tmp_path / "a.jsonl"
+    await export_store(store, path)
+    await import_file(target, path)
+    await target.update_state("s1", {"local": True})
+    skipped = await import_file(target, path)
+    assert (skipped.imported, skipped.skipped, skipped.folders_skipped) == (0, 3, 1)
+    assert (await target.get_session("s1")).state == {"n": 1, "local": True}
+    with pytest.raises(AlreadyExists, match="line 2: folder"):
+        await import_file(target, path, on_conflict="fail")
+    overwritten = await import_file(target, path, on_conflict="overwrite")
+    assert (overwritten.imported, overwritten.folders_imported) == (3, 1)
+    assert (await target.get_session("s1")).state == {"n": 1}
+    with pytest.raises(InvalidInput, match="on_conflict"):
+        await import_file(target, path, on_conflict="merge")  # type: ignore[arg-type]
+
+
+async def test_expired_sessions_are_counted_and_not_written(
+    store: SessionStore, target: SessionStore, clock: FrozenClock, tmp_path: Path
+) -> None:
+    await store.create_session(session_id="brief", ttl=10)
+    await store.create_session(session_id="long")
+    await export_store(store, tmp_path / "a.jsonl")
+    clock.advance(10)
+    report = await import_file(target, tmp_path / "a.jsonl")
+    assert (report.imported, report.expired) == (1, 1)
+    assert [s.id for s in (await target.list_sessions()).items] == ["long"]
+
+
+async def test_a_dry_run_counts_and_writes_nothing(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store)
+    await export_store(store, tmp_path / "a.jsonl")
+    await target.create_session(session_id="s0")
+    report = await import_file(target, tmp_path / "a.jsonl", dry_run=True)
+    assert (report.dry_run, report.imported, report.skipped, report.folders_imported) == (
+        True,
+        2,
+        1,
+        1,
+    )
+    assert await target.count_sessions() == 1
+    assert await target.list_folders() == []
+
+
+# --- import: bad files and bad lines ---------------------------------------------------
+
+
+async def good_rows(store: SessionStore, tmp_path: Path) -> list[dict[str, Any]]:
+    await sample(store)
+    return await exported_lines(store, tmp_path)
+
+
+def session_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row.get("type") == "session"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda s: s.update(version=0), "version: must be at least 1"),
+        (lambda s: s.pop("state"), "state: is missing from the session line"),
+        (lambda s: s.update(colour="red"), "colour: is not a field of a session line"),
+        (lambda s: s.update(id="../etc"), "id: must be 1-128 characters"),
+        (lambda s: s.update(state=[1]), "state: must be a JSON object, not list"),
+        (lambda s: s.update(status="done"), "status: must be one of"),
+        (lambda s: s.update(created_at="yesterday"), "created_at: must be Unix seconds"),
+        (lambda s: s.update(updated_at=0.0), "updated_at: must not be before created_at"),
+        (lambda s: s.update(message_count=5), "message_count: is 5, but the messages add up to 2"),
+        (lambda s: s.update(input_tokens=1), "input_tokens: is 1, but the messages add up to 5"),
+        (lambda s: s.update(cost=9.5), "cost: is 9.5, but the messages add up to 0.25"),
+        (lambda s: s.update(last_seq=1), "last_seq: is 1, below the highest message seq 2"),
+        (lambda s: s.update(expires_at=1e10), "deadline: must equal expires_at"),
+        (lambda s: s.update(tenant="a/b"), "tenant: must be 1-128 characters"),
+        (lambda s: s.update(messages={}), "messages: must be a list"),
+        (lambda s: s["messages"][1].update(seq=1), "messages[1].seq: is 1, not above"),
+        (lambda s: s["messages"][0].pop("role"), "messages[0].role: is missing from the message"),
+        (lambda s: s["messages"][1].update(role=""), "messages[1].role: must not be empty"),
+        (lambda s: s["messages"][1].update(metadata=[]), "messages[1].metadata: must be a JSON"),
+        (lambda s: s["messages"][0].update(input_tokens=-5), "messages[0].input_tokens: must be"),
+    ],
+)
+async def test_a_bad_session_line_stops_the_import_naming_line_and_reason(
+    store: SessionStore,
+    target: SessionStore,
+    tmp_path: Path,
+    damage: Any,
+    error: str,
+) -> None:
+    rows = await good_rows(store, tmp_path)
+    damage(session_rows(rows)[1])  # line 4: s1
+    path = write_lines(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InvalidInput) as caught:
+        await import_file(target, path)
+    assert str(caught.value).startswith(f"line 4: {error}"), str(caught.value)
+    assert [s.id for s in (await target.list_sessions(descending=False)).items] == ["s0"]
+
+
+async def test_a_session_over_the_limits_is_refused_whole(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    rows = await good_rows(store, tmp_path)
+    session_rows(rows)[0]["messages"][1]["content"] = "x" * 300
+    path = write_lines(tmp_path / "big.jsonl", rows)
+    settings = Settings(url="memory://", max_message_bytes=200)
+    async with open_store("memory://", settings=settings) as small:
+        with pytest.raises(InvalidInput, match=r"line 3: messages\[1\].content: is 302 bytes"):
+            await import_file(small, path)
+        assert await small.count_sessions() == 0
+
+
+async def test_keep_going_reports_every_bad_line_and_imports_the_rest(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    rows = await good_rows(store, tmp_path)
+    session_rows(rows)[0]["version"] = "one"
+    path = write_lines(tmp_path / "bad.jsonl", rows)
+    text = path.read_bytes().splitlines(keepends=True)
+    text.insert(4, b"{not json\n")
+    path.write_bytes(b"".join(text))
+    report = await import_file(target, path, keep_going=True)
+    assert (report.imported, report.failed) == (2, 2)
+    assert [(e.line, e.error.split(":")[1].strip()) for e in report.errors] == [
+        (3, "version"),
+        (5, "line"),
+    ]
+    assert "is not JSON" in report.errors[1].error
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda rows: rows.__setitem__(0, {"format": "other"}), "line 1: is not a"),
+        (
+            lambda rows: rows.__setitem__(0, {"format": FORMAT, "version": 2}),
+            "line 1: is format version 2",
+        ),
+        (lambda rows: rows.pop(), "line 6: end: the file ends without its end line"),
+        (lambda rows: rows[-1].update(sessions=9), "line 6: sessions: the end line counts 9"),
+        (lambda rows: rows.append({"type": "session"}), "line 7: comes after the end line"),
+        (lambda rows: rows[2].update(type="note"), "line 3: type: must be folder, session or end"),
+        (lambda rows: rows[1].update(name=""), "line 2: name: must not be empty"),
+    ],
+)
+async def test_a_bad_file_is_refused_naming_the_line(
+    store: SessionStore, target: SessionStore, tmp_path: Path, edit: Any, error: str
+) -> None:
+    rows = await good_rows(store, tmp_path)
+    edit(rows)
+    path = write_lines(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(InvalidInput) as caught:
+        await import_file(target, path)
+    assert str(caught.value).startswith(error), str(caught.value)
+
+
+async def test_a_missing_empty_or_misnamed_file_is_refused(
+    target: SessionStore, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    for path, error in [
+        (tmp_path / "missing.jsonl", "path: cannot read"),
+        (tmp_path / "empty.jsonl", "path: "),
+        (tmp_path / "x.csv", "path: must end with"),
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            await import_file(target, path)
+        assert str(caught.value).startswith(error), str(caught.value)
+
+
+async def test_a_truncated_compressed_file_imports_what_is_whole(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store, 50)
+    whole = tmp_path / "a.jsonl"
+    await export_store(store, whole)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    report = await import_file(target, cut, keep_going=True)
+    assert report.failed == 2  # the cut line, and the missing end line
+    assert report.imported == await target.count_sessions() > 10
+    assert report.errors[-1].error.endswith("the file ends without its end line: it was cut off")
+
+
+# --- the store's checks on loaded records ---------------------------------------------
+
+
+async def test_load_session_checks_the_tenant_and_the_record(
+    store: SessionStore, target: SessionStore
+) -> None:
+    (session_id,) = await sample(store, 1)
+    record, messages = await store.export_session(session_id)
+    other = target.for_tenant("other")
+    with pytest.raises(InvalidInput, match=r"store.for_tenant\('default'\)"):
+        await other.load_session(record, messages)
+    with pytest.raises(InvalidInput) as caught:
+        await target.load_session(dataclasses.replace(record, state="{bad"), messages)
+    assert (caught.value.field, caught.value.reason) == ("state", "is not valid JSON text")
+    with pytest.raises(InvalidInput, match=r"messages\[0\].session_id"):
+        await target.load_session(
+            record, [dataclasses.replace(messages[0], session_id="x"), messages[1]]
+        )
+    with pytest.raises(InvalidInput, match="record: must be a SessionRecord"):
+        await target.load_session({"id": "x"}, [])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="replace: must be true or false"):
+        await target.load_session(record, messages, replace="yes")  # type: ignore[arg-type]
+    with pytest.raises(NotFound, match="no folder"):  # its folder is not in the target
+        await target.load_session(record, messages)
+    assert await target.count_sessions() == 0
+
+
+async def test_load_session_keeps_every_field_and_reencodes_json(
+    store: SessionStore, target: SessionStore
+) -> None:
+    record, messages = await store.export_session((await sample(store, 2))[1])
+    spaced = dataclasses.replace(record, state='{ "n" : 1 }', version=7)
+    assert await target.load_session(spaced, messages) == "loaded"
+    again, again_messages = await target.export_session(record.id)
+    assert again == dataclasses.replace(record, state='{"n":1}', version=7)
+    assert again_messages == messages
+    assert await target.load_session(record, messages) == "kept"
+    assert await target.load_session(record, messages, replace=True) == "loaded"
+    assert (await target.get_session(record.id)).version == record.version
+
+
+async def test_load_folder_checks_and_keeps_by_id(store: SessionStore) -> None:
+    folder = FolderRecord("default", "f1", "alice", "Work", 1.5)
+    assert await store.load_folder(folder) is True
+    assert await store.load_folder(dataclasses.replace(folder, name="Other")) is False
+    assert (await store.get_folder("f1")).name == "Work"
+    with pytest.raises(AlreadyExists):
+        await store.load_folder(dataclasses.replace(folder, id="f2"))
+    for bad, field in [
+        (dataclasses.replace(folder, id=".x"), "id"),
+        (dataclasses.replace(folder, name=" "), "name"),
+        (dataclasses.replace(folder, created_at=float("nan")), "created_at"),
+        (dataclasses.replace(folder, tenant="acme"), "tenant"),
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            await store.load_folder(bad)
+        assert caught.value.field == field
+
+
+async def test_cost_may_differ_from_the_messages_by_rounding_only(store: SessionStore) -> None:
+    message = MessageRecord("s", 1, "user", '"x"', 0, 0, 0.1, "{}", 1.0)
+    record = SessionRecord(
+        "default", "s", None, None, "", "active", None, "{}", "{}", 1, 1.0, 1.0, None, None,
+        None, message_count=1, last_seq=1, cost=0.1 + 1e-15,
+    )  # fmt: skip
+    assert await store.load_session(record, [message]) == "loaded"
+
+
+# --- migrate and verify ----------------------------------------------------------------
+
+
+async def test_a_dry_run_migration_counts_and_writes_nothing(
+    store: SessionStore, target: SessionStore
+) -> None:
+    await sample(store)
+    await target.create_session(session_id="s0")  # differs: would be replaced
+    report = await migrate(store, target, dry_run=True)
+    assert (report.copied, report.replaced, report.folders_copied) == (2, 1, 1)
+    assert [s.id for s in (await target.list_sessions()).items] == ["s0"]
+    assert await target.list_folders() == []
+
+
+async def test_migrate_reports_a_session_it_cannot_copy_and_goes_on(
+    store: SessionStore,
+) -> None:
+    await sample(store)
+    settings = Settings(url="memory://", max_state_bytes=7)
+    await store.update_state("s2", {"n": 2, "long": "x" * 10})
+    async with open_store("memory://", settings=settings) as small:
+        report = await migrate(store, small)
+        assert (report.copied, report.failed) == (2, 1)
+        assert report.errors[0].startswith("default/s2: state: is ")
+        checked = await verify(store, small)
+        assert (checked.matched, checked.missing, checked.ok) == (2, 1, False)
+        assert checked.samples == ["missing: default/s2"]
+
+
+async def test_verify_finds_sessions_and_folders_that_differ(
+    store: SessionStore, target: SessionStore
+) -> None:
+    await sample(store)
+    await migrate(store, target)
+    assert (await verify(store, target)).ok
+    await target.append_message("s1", "user", "only here")
+    await target.create_session(session_id="extra")
+    folder = (await target.list_folders())[0]
+    await target.rename_folder(folder.id, "Renamed")
+    checked = await verify(store, target)
+    assert (checked.matched, checked.different, checked.extra) == (2, 1, 1)
+    assert (checked.folders_different, checked.ok) == (1, False)
+    assert checked.samples == ["different: default/s1"]
+
+
+async def test_migrate_and_verify_refuse_a_bad_concurrency(
+    store: SessionStore, target: SessionStore
+) -> None:
+    for bad in (0, 1000, True):
+        with pytest.raises(InvalidInput, match="concurrency"):
+            await migrate(store, target, concurrency=bad)
+        with pytest.raises(InvalidInput, match="concurrency"):
+            await verify(store, target, concurrency=bad)
+
+
+# --- a migration killed with SIGKILL, then run again -----------------------------------
+
+_SESSIONS = 1500
+
+
+def _count(path: Path) -> int:
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+            return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+    except sqlite3.OperationalError:  # not made yet
+        return 0
+
+
+@pytest.mark.slow
+def test_a_migration_killed_mid_way_finishes_on_the_next_run(tmp_path: Path) -> None:
+    source, destination = tmp_path / "src.db", tmp_path / "dst.db"
+    with open_store_sync(f"sqlite:///{source}") as store:
+        for start in range(0, _SESSIONS, 250):
+            for n in range(start, start + 250):
+                store.create_session(session_id=f"s{n:05}", state={"n": n})
+            store.append_messages(f"s{start:05}", [{"role": "user", "content": "x"}] * 3)
+    command = [
+        sys.executable, "-c", "from sessionkeeper.cli import main; main()",
+        "migrate", f"sqlite:///{source}", f"sqlite:///{destination}",
+        "--concurrency", "2", "--json",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _count(destination) < _SESSIONS // 5 and time.monotonic() < deadline:
+        assert process.poll() is None, "the migration ended before it was killed"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    copied = _count(destination)
+    assert 0 < copied < _SESSIONS, copied
+    rerun = subprocess.run(
+        [*command, "--verify"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["copied"] + report["unchanged"] == _SESSIONS
+    assert report["unchanged"] == copied  # each load is atomic: what landed is whole
+    assert (report["failed"], report["replaced"]) == (0, 0)
+    assert report["verify"]["ok"] is True
+    assert report["verify"]["destination_sessions"] == _SESSIONS
