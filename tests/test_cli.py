@@ -393,3 +393,95 @@ def test_the_installed_console_script_runs_end_to_end(url: str) -> None:
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert bad.stderr == "error: state: must be a JSON object, not list\n"
+
+
+# --- export, import, migrate, verify ---------------------------------------------------
+
+
+def invoke_json(*args: str, code: int = 0) -> Any:
+    """Run a command with --json; it must print only JSON on stdout and exit with code."""
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def filled(url: str) -> str:
+    folder = make_folder(url, "alice")
+    for n in range(3):
+        run_json(url, "create", "--id", f"s{n}", "--owner", "alice", "--folder", folder)
+        run_json(url, "append", f"s{n}", "user", f"hello {n}", "--input-tokens", "3")
+    return url
+
+
+def test_export_then_import_round_trips_through_a_file(filled: str, tmp_path: Path) -> None:
+    path = tmp_path / "all.jsonl.gz"
+    exported = invoke_json("export", filled, "-o", str(path))
+    assert (exported["sessions"], exported["messages"], exported["folders"]) == (3, 3, 1)
+    copy = f"sqlite:///{tmp_path / 'copy.db'}"
+    imported = invoke_json("import", copy, str(path))
+    assert (imported["imported"], imported["failed"], imported["folders_imported"]) == (3, 0, 1)
+    again = invoke_json("import", copy, str(path), "--on-conflict", "overwrite", "--dry-run")
+    assert (again["dry_run"], again["imported"]) == (True, 3)
+    second = tmp_path / "copy.jsonl.gz"
+    invoke_json("export", copy, "-o", str(second))
+    assert second.read_bytes() == path.read_bytes()
+
+
+def test_migrate_copies_verifies_and_runs_again_without_change(filled: str, tmp_path: Path) -> None:
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    dry = invoke_json("migrate", filled, target, "--dry-run")
+    assert (dry["dry_run"], dry["copied"]) == (True, 3)
+    report = invoke_json("migrate", filled, target, "--verify")
+    assert (report["copied"], report["messages"], report["folders_copied"]) == (3, 3, 1)
+    assert report["verify"]["ok"] is True
+    again = invoke_json("migrate", filled, target)
+    assert (again["copied"], again["unchanged"]) == (0, 3)
+    assert invoke_json("verify", filled, target)["matched"] == 3
+    run_json(target, "append", "s1", "user", "only in the target")
+    differs = invoke_json("verify", filled, target, code=1)
+    assert (differs["ok"], differs["samples"]) == (False, ["different: default/s1"])
+
+
+def test_transfer_commands_print_a_report_without_json(filled: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["migrate", filled, f"sqlite:///{tmp_path / 't.db'}"])
+    assert result.exit_code == 0, result.output
+    assert "migrate" in result.stdout
+    assert "copied" in result.stdout
+
+
+def test_a_bad_import_line_names_the_line_and_exits_2(filled: str, tmp_path: Path) -> None:
+    path = tmp_path / "all.jsonl"
+    invoke_json("export", filled, "-o", str(path))
+    rows = path.read_text().splitlines()
+    rows[3] = rows[3].replace('"status":"active"', '"status":"done"')
+    path.write_text("\n".join(rows) + "\n")
+    copy = f"sqlite:///{tmp_path / 'copy.db'}"
+    line = expect_error(runner.invoke(app, ["import", copy, str(path)]), 2, "error: line 4: ")
+    assert line == "error: line 4: status: must be one of active, completed, archived, not 'done'"
+    report = invoke_json("import", copy, str(path), "--keep-going", code=2)
+    assert (report["imported"], report["skipped"], report["failed"]) == (1, 1, 1)
+    assert report["errors"] == [{"line": 4, "error": line.removeprefix("error: ")}]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "prefix"),
+    [
+        (["export", "{url}", "-o", "{tmp}/x.csv"], 2, "error: path: must end with .jsonl"),
+        (["export", "nosuch://x", "-o", "{tmp}/x.jsonl"], 2, "error: url: unknown store URL"),
+        (["export", "{url}", "-o", "{tmp}/x.jsonl", "--concurrency", "0"], 2, "error: concurrency"),
+        (["import", "{url}", "{tmp}/missing.jsonl"], 2, "error: path: cannot read"),
+        (["import", "{url}", "{tmp}/x.jsonl", "--on-conflict", "merge"], 2, "error: on_conflict"),
+        (["import", "{url}", "{tmp}/x.jsonl", "--on-conflict", "fail"], 1, "error: line 2: "),
+        (["migrate", "{url}", "memory://x"], 2, "error: url: memory:// takes no host"),
+        (["migrate", "{url}", "{url}", "--concurrency", "999"], 2, "error: concurrency"),
+        (["verify", "{url}", "sqlite:///{tmp}/no/such/dir.db"], 1, "error: sqlite: the folder"),
+    ],
+)
+def test_transfer_commands_refuse_bad_input_in_one_line(
+    filled: str, tmp_path: Path, args: list[str], code: int, prefix: str
+) -> None:
+    invoke_json("export", filled, "-o", str(tmp_path / "x.jsonl"))
+    argv = [a.format(url=filled, tmp=tmp_path) for a in args]
+    expect_error(runner.invoke(app, argv), code, prefix)
+    expect_error(runner.invoke(app, [*argv, "--json"]), code, prefix)

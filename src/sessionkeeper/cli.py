@@ -16,12 +16,14 @@ The CLI parses JSON text and nothing more: the store validates every value.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar, cast
 
 import typer
@@ -30,14 +32,24 @@ from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.json import JSON
 from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from . import transfer
 from .errors import InvalidInput, SessionKeeperError
 from .models import UNSET, Message, Page, Session, SessionSummary, Stats, Status
 from .settings import DEFAULT_URL
-from .store import OrderBy
+from .store import OrderBy, open_store
 from .sync import SyncSessionStore, open_store_sync
+from .transfer import Progress
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID", "app", "main"]
 
@@ -414,3 +426,170 @@ def purge(
     _emit(
         {"purged": purged}, as_json, lambda _: Text(f"purged {purged} expired sessions in {where}")
     )
+
+
+# --- transfer: export, import, migrate, verify, backup ----------------------------------
+
+NoProgress = Annotated[
+    bool, typer.Option("--no-progress", help="No progress bar (none is shown off a terminal)")
+]
+Concurrency = Annotated[int, typer.Option(metavar="N", help="Sessions read and written at once")]
+
+
+@contextmanager
+def _progress(label: str, enabled: bool, unit: str = "sessions") -> Iterator[Progress | None]:
+    """A rich progress bar on stderr, when it is a terminal and the output is not JSON."""
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+    columns = (TextColumn(label), BarColumn(), count, TimeRemainingColumn())
+    with ProgressBar(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def tell(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield tell
+
+
+def _report_view(title: str, data: dict[str, Any]) -> RenderableType:
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.append((key, _report_view(key, value)))
+        elif isinstance(value, list):
+            rows.append((key, "\n".join(map(str, value)) if value else None))
+        else:
+            rows.append((key.replace("_", " "), value))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, value in rows:
+        grid.add_row(label, value if isinstance(value, Panel) else _text(value))
+    return Panel(grid, title=title, title_align="left")
+
+
+def _finish(title: str, data: dict[str, Any], as_json: bool, code: int) -> None:
+    """Print a report; exit with ``code`` when it is not 0 (after printing it)."""
+    _emit(data, as_json, lambda d: _report_view(title, d))
+    if code:
+        raise typer.Exit(code)
+
+
+@_command("export")
+def export_command(
+    url: Annotated[str, typer.Argument(help="Store URL")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="File to write: .jsonl, .jsonl.gz or .jsonl.zst"),
+    ],
+    concurrency: Concurrency = transfer.DEFAULT_CONCURRENCY,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export every tenant's folders and live sessions to a JSON Lines file."""
+
+    async def run() -> transfer.ExportReport:
+        with _progress("exporting", not (no_progress or as_json)) as tell:
+            async with open_store(url) as store:
+                return await transfer.export_store(
+                    store, output, concurrency=concurrency, progress=tell
+                )
+
+    _finish("export", asyncio.run(run()).to_dict(), as_json, 0)
+
+
+@_command("import")
+def import_command(
+    url: Annotated[str, typer.Argument(help="Store URL")],
+    file: Annotated[Path, typer.Argument(help="An export: .jsonl, .jsonl.gz or .jsonl.zst")],
+    on_conflict: Annotated[
+        str, typer.Option(help="When an id is taken: skip, overwrite or fail")
+    ] = "skip",
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Report bad lines and go on")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check and count; write nothing")
+    ] = False,
+    concurrency: Concurrency = transfer.DEFAULT_CONCURRENCY,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import an export file, each session atomically; bad lines stop it (exit 2) unless
+    --keep-going, which reports them and exits 2 at the end."""
+
+    async def run() -> transfer.ImportReport:
+        with _progress("importing", not (no_progress or as_json), "bytes") as tell:
+            async with open_store(url) as store:
+                return await transfer.import_file(
+                    store,
+                    file,
+                    on_conflict=cast(transfer.OnConflict, on_conflict),
+                    keep_going=keep_going,
+                    dry_run=dry_run,
+                    concurrency=concurrency,
+                    progress=tell,
+                )
+
+    report = asyncio.run(run())
+    _finish("import", report.to_dict(), as_json, EXIT_INVALID if report.failed else 0)
+
+
+@_command("migrate")
+def migrate_command(
+    source: Annotated[str, typer.Argument(metavar="SRC_URL", help="Store to copy from")],
+    destination: Annotated[str, typer.Argument(metavar="DST_URL", help="Store to copy to")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would move; write nothing")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Then compare counts and checksums of both sides")
+    ] = False,
+    concurrency: Concurrency = transfer.DEFAULT_CONCURRENCY,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Copy every tenant's folders and live sessions from SRC_URL to DST_URL.
+
+    Safe to run again (also after a crash): nothing is duplicated, sessions changed in
+    the source since are replaced, the source is never changed.
+    """
+
+    async def run() -> transfer.MigrateReport:
+        with _progress("migrating", not (no_progress or as_json)) as tell:
+            async with open_store(source) as src, open_store(destination) as dst:
+                return await transfer.migrate(
+                    src,
+                    dst,
+                    dry_run=dry_run,
+                    verify_after=verify,
+                    concurrency=concurrency,
+                    progress=tell,
+                )
+
+    report = asyncio.run(run())
+    ok = not report.failed and (report.verify is None or report.verify.ok)
+    _finish("migrate", report.to_dict(), as_json, 0 if ok else EXIT_FAILED)
+
+
+@_command("verify")
+def verify_command(
+    source: Annotated[str, typer.Argument(metavar="SRC_URL")],
+    destination: Annotated[str, typer.Argument(metavar="DST_URL")],
+    concurrency: Concurrency = transfer.DEFAULT_CONCURRENCY,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare two stores: counts, and a checksum of every session on both sides (exit 1
+    if they differ)."""
+
+    async def run() -> transfer.VerifyReport:
+        with _progress("verifying", not (no_progress or as_json)) as tell:
+            async with open_store(source) as src, open_store(destination) as dst:
+                return await transfer.verify(src, dst, concurrency=concurrency, progress=tell)
+
+    report = asyncio.run(run())
+    _finish("verify", report.to_dict(), as_json, 0 if report.ok else EXIT_FAILED)
