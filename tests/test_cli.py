@@ -485,3 +485,26 @@ def test_transfer_commands_refuse_bad_input_in_one_line(
     argv = [a.format(url=filled, tmp=tmp_path) for a in args]
     expect_error(runner.invoke(app, argv), code, prefix)
     expect_error(runner.invoke(app, [*argv, "--json"]), code, prefix)
+
+
+def test_backup_copies_a_sqlite_store_or_exports_and_both_restore(
+    filled: str, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy.db"
+    report = invoke_json("backup", filled, str(copy))
+    assert (report["method"], report["bytes"]) == ("sqlite-backup", copy.stat().st_size)
+    assert ids(run_json(f"sqlite:///{copy}", "list", "--asc")) == ["s0", "s1", "s2"]
+    exported = invoke_json("backup", filled, str(tmp_path / "all.jsonl.gz"))
+    assert (exported["method"], exported["export"]["sessions"]) == ("export", 3)
+    restored = f"sqlite:///{tmp_path / 'restored.db'}"
+    assert invoke_json("import", restored, str(tmp_path / "all.jsonl.gz"))["imported"] == 3
+    assert run_json(restored, "show", "s1") == run_json(filled, "show", "s1")
+
+
+def test_backup_refuses_what_it_cannot_do(filled: str, db: Path, tmp_path: Path) -> None:
+    for args, prefix in [
+        (["memory://", str(tmp_path / "x.db")], "error: dest: a memory store is backed up by"),
+        ([filled, str(db)], "error: dest: is the database itself"),
+        ([filled, str(tmp_path / "no" / "x.db")], "error: dest: the folder"),
+    ]:
+        expect_error(runner.invoke(app, ["backup", *args]), 2, prefix)

@@ -3,6 +3,7 @@ file can be bad, the store's checks on loaded records, and a migration killed mi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import json
@@ -33,6 +34,7 @@ from sessionkeeper import (
 from sessionkeeper.models import FolderRecord, MessageRecord, SessionRecord
 from sessionkeeper.transfer import (
     FORMAT,
+    backup,
     export_store,
     import_file,
     migrate,
@@ -554,3 +556,99 @@ def test_a_migration_killed_mid_way_finishes_on_the_next_run(tmp_path: Path) -> 
     assert (report["failed"], report["replaced"]) == (0, 0)
     assert report["verify"]["ok"] is True
     assert report["verify"]["destination_sessions"] == _SESSIONS
+
+
+# --- backups ---------------------------------------------------------------------------
+
+_WRITER = """
+import sys, time
+from sessionkeeper import open_store_sync
+
+with open_store_sync(sys.argv[1]) as store:
+    n = 0
+    while True:
+        store.append_message(f"w{n % 20}", "user", "x" * 200, input_tokens=1)
+        n += 1
+        print(n, time.time(), flush=True)
+"""
+
+
+@pytest.mark.slow
+async def test_a_sqlite_backup_taken_while_a_process_writes_is_whole_and_opens(
+    tmp_path: Path,
+) -> None:
+    """The writer's acknowledgements carry times: some fall inside the backup's window,
+    so the backup did not hold the writer up; the copy opens, consistent."""
+    db, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    url = f"sqlite:///{db}"
+    async with open_store(url) as store:
+        for n in range(20):
+            await store.create_session(session_id=f"w{n}", state={"blob": "y" * 500_000})
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WRITER, url, stdout=asyncio.subprocess.PIPE
+        )
+        assert writer.stdout is not None
+        try:
+            await writer.stdout.readline()  # it is writing
+            windows = []
+            for _ in range(3):
+                started = time.time()
+                report = await backup(store, copy)
+                windows.append((started, time.time()))
+            await writer.stdout.readline()
+        finally:
+            writer.kill()
+            acks = [line.split() for line in (await writer.stdout.read()).decode().splitlines()]
+            await writer.wait()
+    assert report.method == "sqlite-backup"
+    assert report.bytes == os.stat(copy).st_size > 10_000_000
+    during = [n for n, at in acks if any(a <= float(at) <= b for a, b in windows)]
+    assert during, (windows, acks[:3], acks[-3:])
+    async with open_store(f"sqlite:///{copy}") as restored:
+        assert await restored.count_sessions() == 20
+        total = 0
+        for n in range(20):
+            session = await restored.get_session(f"w{n}")
+            read = await restored.read_messages(session.id, limit=1000)
+            assert [m.seq for m in read] == list(range(1, session.message_count + 1))
+            assert session.input_tokens == session.message_count  # aggregates in step
+            total += session.message_count
+        assert 0 < total <= int(acks[-1][0]) + 1
+    with closing(sqlite3.connect(copy)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
+
+
+async def test_a_backup_of_any_engine_is_an_export_and_import_restores_it(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    await sample(store)
+    report = await backup(store, tmp_path / "backup.jsonl.zst")
+    assert report.method == "export"
+    assert report.export is not None
+    assert report.export.sessions == 3
+    restored = await import_file(target, tmp_path / "backup.jsonl.zst")
+    assert restored.imported == 3
+    await export_store(store, tmp_path / "a.jsonl")
+    await export_store(target, tmp_path / "b.jsonl")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+async def test_a_backup_refuses_a_bad_destination(store: SessionStore, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="dest: a memory store is backed up by export"):
+        await backup(store, tmp_path / "copy.db")
+    with pytest.raises(InvalidInput, match="dest: the memory engine has no file backup"):
+        await store.backup_file(tmp_path / "copy.db")
+    db = tmp_path / "live.db"
+    async with open_store(f"sqlite:///{db}") as sqlite_store:
+        cases: list[tuple[str | Path, str]] = [
+            (db, "is the database itself"),
+            (tmp_path, "is a folder"),
+            (tmp_path / "no" / "copy.db", "the folder"),
+            ("", "must be a file path"),
+        ]
+        for dest, reason in cases:
+            with pytest.raises(InvalidInput) as caught:
+                await backup(sqlite_store, dest)
+            assert (caught.value.field, reason in caught.value.reason) == ("dest", True)
+    assert sorted(os.listdir(tmp_path)) == ["live.db"]

@@ -593,3 +593,25 @@ def verify_command(
 
     report = asyncio.run(run())
     _finish("verify", report.to_dict(), as_json, 0 if report.ok else EXIT_FAILED)
+
+
+@_command("backup")
+def backup_command(
+    url: Annotated[str, typer.Argument(help="Store URL")],
+    dest: Annotated[
+        Path,
+        typer.Argument(help="A .db file (SQLite stores), or .jsonl, .jsonl.gz, .jsonl.zst"),
+    ],
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Back a whole store up while it is in use: a SQLite store to a database file (its
+    online backup API), any store to an export file. Restore with `import`, or by
+    opening the copied database."""
+
+    async def run() -> transfer.BackupReport:
+        with _progress("backing up", not (no_progress or as_json)) as tell:
+            async with open_store(url) as store:
+                return await transfer.backup(store, dest, progress=tell)
+
+    _finish("backup", asyncio.run(run()).to_dict(), as_json, 0)

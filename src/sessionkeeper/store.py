@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -155,6 +156,17 @@ def _parsed(text: object, field: str) -> Any:
         return rules.decode_json(text)
     except ValueError:
         raise InvalidInput(field, "is not valid JSON text") from None
+
+
+def _backup_problem(target: Path, database: Path) -> str | None:
+    """What is wrong with ``target`` as the file a backup of ``database`` goes to."""
+    if not target.parent.is_dir():
+        return f"the folder {str(target.parent)!r} does not exist"
+    if target.is_dir():
+        return f"{str(target)!r} is a folder: name a file"
+    if target.resolve() == database.resolve():
+        return "is the database itself: name another file"
+    return None
 
 
 def _folder_id(record: FolderRecord) -> str:
@@ -1031,3 +1043,32 @@ class SessionStore:
 
     def _json_object_text(self, text: object, field: str, max_bytes: int) -> str:
         return self._json_object(_parsed(text, field), field, max_bytes)
+
+    # --- file backup -------------------------------------------------------------------
+
+    @property
+    def can_backup_file(self) -> bool:
+        """Whether ``backup_file`` works on this engine (SQLite); others back up by export."""
+        from .engines.sqlite import SQLiteEngine
+
+        return isinstance(self._engine, SQLiteEngine)
+
+    async def backup_file(self, dest: str | Path) -> None:
+        """Copy the whole database (every tenant) to the file ``dest`` while writers go on,
+        with SQLite's online backup API; ``dest`` is replaced if it exists and appears only
+        when whole. Open the copy as ``sqlite:///dest`` to restore. Raises InvalidInput on
+        other engines (use ``transfer.export_store``) or a bad ``dest``."""
+        from .engines.sqlite import SQLiteEngine
+
+        engine = self.engine
+        if not isinstance(engine, SQLiteEngine):
+            raise InvalidInput(
+                "dest", f"the {engine.name} engine has no file backup: export the store instead"
+            )
+        if not isinstance(dest, str | Path) or not str(dest):
+            raise InvalidInput("dest", "must be a file path")
+        target = Path(dest)
+        problem = _backup_problem(target, engine.path)
+        if problem:
+            raise InvalidInput("dest", problem)
+        await engine.backup(target)

@@ -10,6 +10,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -427,3 +428,10 @@ class SyncSessionStore:
         exists and ``replace`` is False (nothing written). Raises InvalidInput, or
         AlreadyExists if another folder of the owner has the name."""
         return self._portal.call(self._store.load_folder(record, replace=replace, dry_run=dry_run))
+
+    def backup_file(self, dest: str | Path) -> None:
+        """Copy the whole database (every tenant) to the file ``dest`` while writers go on, with
+        SQLite's online backup API; ``dest`` is replaced if it exists and appears only
+        when whole. Open the copy as ``sqlite:///dest`` to restore. Raises InvalidInput
+        on other engines (use ``transfer.export_store``) or a bad ``dest``."""
+        return self._portal.call(self._store.backup_file(dest))

@@ -46,12 +46,14 @@ __all__ = [
     "EXPORT_SUFFIXES",
     "FORMAT",
     "FORMAT_VERSION",
+    "BackupReport",
     "ExportReport",
     "ImportReport",
     "MigrateReport",
     "OnConflict",
     "Progress",
     "VerifyReport",
+    "backup",
     "export_store",
     "import_file",
     "migrate",
@@ -1003,3 +1005,47 @@ async def _compare(source: SessionStore, target: SessionStore, session_id: str) 
     if session_checksum(*mine) != session_checksum(*theirs):
         return "different", name
     return "matched", name
+
+
+# --- backup ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BackupReport:
+    path: str
+    method: Literal["sqlite-backup", "export"]
+    bytes: int = 0
+    seconds: float = 0.0
+    export: ExportReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["export"] = None if self.export is None else self.export.to_dict()
+        return data
+
+
+async def backup(
+    store: SessionStore, dest: str | Path, *, progress: Progress | None = None
+) -> BackupReport:
+    """Back the whole store up to ``dest``: an export when ``dest`` ends with ``.jsonl``,
+    ``.jsonl.gz`` or ``.jsonl.zst`` (any engine), else a copy of the SQLite database
+    made with SQLite's online backup API while writers keep writing."""
+    if not isinstance(dest, str | Path) or not str(dest):
+        raise InvalidInput("dest", "must be a file path")
+    target = Path(dest)
+    started = time.perf_counter()
+    if is_export_path(target):
+        exported = await export_store(store, target, progress=progress)
+        report = BackupReport(str(target), "export", export=exported)
+    elif store.can_backup_file:
+        await store.backup_file(target)
+        report = BackupReport(str(target), "sqlite-backup")
+    else:
+        raise InvalidInput(
+            "dest",
+            f"a {store.engine.name} store is backed up by export: "
+            f"name a file ending with {', '.join(EXPORT_SUFFIXES)}",
+        )
+    report.bytes = os.stat(target).st_size
+    report.seconds = time.perf_counter() - started
+    return report

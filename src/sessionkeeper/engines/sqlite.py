@@ -726,6 +726,28 @@ class SQLiteEngine(Engine):
     async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
         return await self._write(partial(_w_load_folder, record, replace))
 
+    # --- backup ------------------------------------------------------------------------
+
+    async def backup(self, dest: Path) -> None:
+        """Copy the whole database to ``dest`` with SQLite's online backup API, on a reader
+        thread: one step from one read snapshot, so writers go on meanwhile (WAL) and the
+        copy is consistent. ``dest`` is written beside itself and renamed into place, so
+        it appears whole or not at all."""
+        partial_path = dest.with_name(dest.name + ".part")
+
+        def run(conn: sqlite3.Connection) -> None:
+            target = sqlite3.connect(partial_path)
+            try:
+                conn.backup(target)  # pages=-1: every page in one step
+            finally:
+                target.close()
+
+        try:
+            await self._read(run)
+            partial_path.replace(dest)
+        finally:
+            partial_path.unlink(missing_ok=True)
+
 
 # --- jobs: each runs on a worker thread with that worker's connection -------------------
 # Writers run inside the writer's transaction; readers in autocommit (a reader that needs
