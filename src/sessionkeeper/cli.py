@@ -43,7 +43,7 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import transfer
+from . import legacy, transfer
 from .errors import InvalidInput, SessionKeeperError
 from .models import UNSET, Message, Page, Session, SessionSummary, Stats, Status
 from .settings import DEFAULT_URL
@@ -615,3 +615,43 @@ def backup_command(
                 return await transfer.backup(store, dest, progress=tell)
 
     _finish("backup", asyncio.run(run()).to_dict(), as_json, 0)
+
+
+@_command("import-legacy")
+def import_legacy_command(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="Store URL")],
+    path: Annotated[
+        Path, typer.Argument(help="Folder of session files, or of users.json and user_data/")
+    ],
+    layout: Annotated[str, typer.Option(help="auto, sessions-folder or users-json")] = "auto",
+    field_map: Annotated[
+        list[str] | None,
+        typer.Option("--map", metavar="OLD=NEW", help="Rename a field before mapping"),
+    ] = None,
+    on_conflict: Annotated[
+        str, typer.Option(help="When an id is taken: skip, overwrite or fail")
+    ] = "skip",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Read and check; write nothing")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import hand-rolled JSON session files into the --tenant's sessions; report what
+    was imported, skipped and why (exit 2 if anything was skipped)."""
+    mapping = legacy.parse_map(field_map or [])
+    target: _Target = ctx.obj
+
+    async def run() -> legacy.LegacyReport:
+        async with open_store(url, tenant=target.tenant) as store:
+            return await legacy.import_legacy(
+                store,
+                path,
+                layout=cast(legacy.Layout, layout),
+                field_map=mapping,
+                on_conflict=cast(transfer.OnConflict, on_conflict),
+                dry_run=dry_run,
+            )
+
+    report = asyncio.run(run())
+    _finish("import-legacy", report.to_dict(), as_json, EXIT_INVALID if report.skipped else 0)
