@@ -42,6 +42,8 @@ from sessionkeeper.transfer import (
     verify,
 )
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
 
 @pytest.fixture
 def clock() -> FrozenClock:
@@ -652,3 +654,18 @@ async def test_a_backup_refuses_a_bad_destination(store: SessionStore, tmp_path:
                 await backup(sqlite_store, dest)
             assert (caught.value.field, reason in caught.value.reason) == ("dest", True)
     assert sorted(os.listdir(tmp_path)) == ["live.db"]
+
+
+async def test_the_readme_example_export_imports_and_exports_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    readme = README.read_text()
+    start = readme.index('{"format":"sessionkeeper-export"')
+    end = readme.index('"type":"end"}', start) + len('"type":"end"}')
+    example = tmp_path / "example.jsonl"
+    example.write_text(readme[start:end] + "\n")
+    async with open_store("memory://", clock=FrozenClock(1_717_236_100)) as store:
+        report = await import_file(store, example)
+        assert (report.imported, report.messages, report.folders_imported) == (1, 2, 1)
+        await export_store(store, tmp_path / "again.jsonl")
+    assert (tmp_path / "again.jsonl").read_bytes() == example.read_bytes()

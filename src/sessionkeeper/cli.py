@@ -518,8 +518,11 @@ def import_command(
     no_progress: NoProgress = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import an export file, each session atomically; bad lines stop it (exit 2) unless
-    --keep-going, which reports them and exits 2 at the end."""
+    """Import an export file, each session atomically.
+
+    A bad line stops the import (exit 2) unless --keep-going, which reports it, imports
+    the rest and exits 2 at the end.
+    """
 
     async def run() -> transfer.ImportReport:
         with _progress("importing", not (no_progress or as_json), "bytes") as tell:
@@ -583,8 +586,7 @@ def verify_command(
     no_progress: NoProgress = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compare two stores: counts, and a checksum of every session on both sides (exit 1
-    if they differ)."""
+    """Compare two stores: counts and a checksum of every session (exit 1 if they differ)."""
 
     async def run() -> transfer.VerifyReport:
         with _progress("verifying", not (no_progress or as_json)) as tell:
@@ -605,9 +607,12 @@ def backup_command(
     no_progress: NoProgress = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Back a whole store up while it is in use: a SQLite store to a database file (its
-    online backup API), any store to an export file. Restore with `import`, or by
-    opening the copied database."""
+    """Back a whole store up while it is in use.
+
+    A SQLite store to a database file (SQLite's online backup API), any store to an
+    export file (.jsonl, .jsonl.gz, .jsonl.zst). Restore with `import`, or by opening the
+    copied database.
+    """
 
     async def run() -> transfer.BackupReport:
         with _progress("backing up", not (no_progress or as_json)) as tell:
@@ -637,8 +642,10 @@ def import_legacy_command(
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import hand-rolled JSON session files into the --tenant's sessions; report what
-    was imported, skipped and why (exit 2 if anything was skipped)."""
+    """Import hand-rolled JSON session files into the --tenant.
+
+    Reports what was imported, what was skipped and why; exits 2 if anything was skipped.
+    """
     mapping = legacy.parse_map(field_map or [])
     target: _Target = ctx.obj
 
