@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -21,8 +21,11 @@ from sessionkeeper import (
     BackendUnavailable,
     FrozenClock,
     InvalidInput,
+    Message,
+    NotFound,
     SessionStore,
     Settings,
+    VersionConflict,
     open_store,
 )
 from sessionkeeper.engines.postgres import (
@@ -157,6 +160,61 @@ def test_listing_runs_on_its_index_without_a_sort(filled: str, name: str) -> Non
     )
     assert "Sort" not in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+BATCH_ARGS: dict[str, list[Any]] = {
+    "append_batch": [
+        ["default"] * 2,
+        ["a", "b"],
+        [1.0, 1.0],
+        [1, 1],
+        [0, 0],
+        [0, 0],
+        [0.0, 0.0],
+        [None, None],
+        [1, 2],
+        [1, 1],
+        ["user", "user"],
+        ['"x"', '"y"'],
+        [0, 0],
+        [0, 0],
+        [0.0, 0.0],
+        ["{}", "{}"],
+    ],
+    "read_last_batch": [["default"] * 2, ["a", "b"], [1.0, 1.0], [10, 10]],
+    "read_after_batch": [["default"] * 2, ["a", "b"], [1.0, 1.0], [10, 10], [0, 5]],
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_ARGS))
+async def test_batched_statements_find_every_row_on_an_index(filled: str, name: str) -> None:
+    """The plan each connection keeps for a batch (a generic one) can reach the sessions
+    and messages of its jobs on indexes (as plan_of: when any index beats a scan)."""
+    engine = PostgresEngine(f"{SERVER}?schema={filled}", Settings())
+    sql = engine._sql[name]
+    conn = await asyncpg.connect(SERVER)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
+            )
+            await conn.execute(f"PREPARE batch AS {sql}")
+            args = ", ".join(_literal(value) for value in BATCH_ARGS[name])
+            plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE batch({args})"))
+    finally:
+        await conn.close()
+    assert "Seq Scan" not in plan, plan
+    assert "Index Scan using sessions_by_id" in plan, plan
+
+
+def _literal(values: list[Any]) -> str:
+    """A SQL array literal for EXPLAIN EXECUTE, typed by its first value."""
+    kind = {str: "text", int: "bigint", float: "float8"}.get(type(values[0]), "bigint")
+    items = ", ".join(
+        "NULL" if v is None else "'" + v.replace("'", "''") + "'" if isinstance(v, str) else repr(v)
+        for v in values
+    )
+    return f"ARRAY[{items}]::{kind}[]"
 
 
 def test_listing_reads_neither_state_nor_messages() -> None:
@@ -494,6 +552,122 @@ async def test_purge_skips_sessions_another_transaction_holds(
             assert await store.purge_expired() == 2
             assert time.perf_counter() - started < 1
         assert await store.purge_expired() == 1
+
+
+# --- batches -----------------------------------------------------------------------------
+
+
+async def test_appends_in_one_turn_share_a_statement_and_keep_their_own_results(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent appends to many sessions go out in batches; an append to a missing
+    session or at a stale version fails alone, and two appends to one session in one
+    turn both land, in order."""
+    batched: list[int] = []
+    original = PostgresEngine._append_batch
+
+    async def spy(self: PostgresEngine, conn: Any, jobs: list[Any]) -> None:
+        batched.append(len(jobs))
+        await original(self, conn, jobs)
+
+    monkeypatch.setattr(PostgresEngine, "_append_batch", spy)
+    async with store_at(url) as store:
+        ids = [(await store.create_session(session_id=f"s{i}")).id for i in range(12)]
+
+        async def writer(sid: str) -> list[int]:
+            seqs = []
+            for i in range(10):
+                appended = await store.append_message(sid, "user", i, input_tokens=i, cost=0.5)
+                seqs.append(appended.seq)
+            return seqs
+
+        outcomes = await asyncio.gather(
+            *(writer(sid) for sid in ids),
+            store.append_message("missing", "user", "x"),
+            store.append_message(ids[0], "user", "stale", expected_version=1),
+            store.append_messages(ids[1], [{"role": "user", "content": "a"}] * 2),
+            store.append_message(ids[1], "user", "b"),
+            return_exceptions=True,
+        )
+        assert max(batched) > 1, "the appends never shared a statement"
+        assert isinstance(outcomes[12], NotFound)
+        assert isinstance(outcomes[13], VersionConflict)
+        pair, one = cast("list[Message]", outcomes[14]), cast("Message", outcomes[15])
+        assert pair[1].seq == pair[0].seq + 1 != one.seq  # one call, consecutive seqs
+        for sid, seqs in zip(ids, cast("list[list[int]]", outcomes[:12]), strict=True):
+            assert seqs == sorted(seqs)
+            session = await store.get_session(sid)
+            extra = 3 if sid == ids[1] else 0
+            assert (session.message_count, session.last_seq) == (10 + extra, 10 + extra)
+            assert (session.version, session.input_tokens) == (1 + 10 + (2 if extra else 0), 45)
+            assert session.cost == 5.0
+            messages = await store.read_messages(sid)
+            assert [m.seq for m in messages] == list(range(1, 11 + extra))
+            assert [m.content for m in messages if m.content in range(10)] == list(range(10))
+
+
+async def test_a_locked_session_holds_up_only_its_own_appends(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with store_at(url) as store:
+        held = await store.create_session()
+        free = [await store.create_session() for _ in range(4)]
+        async with raw.transaction():
+            await raw.execute(
+                f'SELECT 1 FROM "{schema}".sessions WHERE id = $1 FOR UPDATE', held.id
+            )
+            waiting = asyncio.ensure_future(store.append_message(held.id, "user", "later"))
+            started = time.perf_counter()
+            done = await asyncio.gather(*(store.append_message(s.id, "user", "now") for s in free))
+            assert time.perf_counter() - started < 1
+            assert [m.seq for m in done] == [1, 1, 1, 1]
+            assert not waiting.done()
+        assert (await waiting).seq == 1
+
+
+async def test_reads_in_one_turn_share_a_statement_and_keep_their_own_results(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batched: list[int] = []
+    original = PostgresEngine._read_batch
+
+    async def spy(self: PostgresEngine, conn: Any, jobs: list[Any]) -> None:
+        batched.append(len(jobs))
+        await original(self, conn, jobs)
+
+    monkeypatch.setattr(PostgresEngine, "_read_batch", spy)
+    clock = FrozenClock()
+    async with store_at(url, clock) as store:
+        ids = []
+        for i in range(6):
+            session = await store.create_session(idle_ttl=60 if i == 0 else None)
+            if i:
+                drafts = [{"role": "user", "content": j} for j in range(i * 3)]
+                await store.append_messages(session.id, drafts)
+            ids.append(session.id)
+        gone = await store.create_session(ttl=10)
+        clock.advance(10)
+        lasts = await asyncio.gather(
+            *(store.last_messages(sid, 4) for sid in ids),
+            store.last_messages(gone.id),
+            store.last_messages("missing"),
+            return_exceptions=True,
+        )
+        pages = await asyncio.gather(
+            *(store.read_messages(sid, after_seq=2, limit=5) for sid in ids)
+        )
+        assert sorted(batched, reverse=True)[:2] == [8, 6]
+        found = cast("list[list[Message]]", lasts[:6])
+        for i, (last, page) in enumerate(zip(found, pages, strict=True)):
+            count = i * 3
+            assert [m.seq for m in last] == list(range(max(1, count - 3), count + 1))
+            assert [m.seq for m in page] == list(range(3, min(count, 7) + 1))
+        assert isinstance(lasts[6], NotFound)
+        assert isinstance(lasts[7], NotFound)
+        # the idle session was renewed by the batched reads (at now + 60 from the clock)
+        renewed = await store.get_session(ids[0])
+        assert renewed.expires_at is not None
+        assert renewed.expires_at.timestamp() == clock.now() + 60
 
 
 # --- a server that is gone, or does not answer -----------------------------------------

@@ -7,16 +7,22 @@ transaction where it must read before it writes (a change locks its row with
 serialise writers of one session across processes; the schema is created and upgraded by
 versioned migrations under an advisory lock. Every driver, socket and timeout error
 leaves as BackendUnavailable.
+
+The hot calls are batched: appends, and message reads, that arrive in one event-loop turn
+share one statement (so one round trip and, for appends, one commit), each with its own
+result; an append that the batch could not write (its session absent, at another version,
+or locked by another writer) runs again on its own, which says why or waits its turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
@@ -51,6 +57,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+J = TypeVar("J", bound="_Job")
 log = logging.getLogger("sessionkeeper")
 
 DEFAULT_SCHEMA = "sessionkeeper"
@@ -97,6 +104,10 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 _DEADLOCK_RETRIES = 3
+# The most jobs, and messages, one batch statement carries: a batch must stay well within
+# the server timeout.
+_BATCH_JOBS = 64
+_BATCH_MESSAGES = 2000
 _IDLE_IN_TRANSACTION = 5  # server_timeouts a transaction may wait for its client
 
 # Statements take the schema's quoted name as {s}. Every text column that is compared or
@@ -239,6 +250,17 @@ _APPEND = (
     "output_tokens, cost, metadata, created_at) {messages}) "
     "SELECT last_seq FROM s"
 )
+_READ_BATCH = (
+    "SELECT j.n, s.expires_at, s.idle_ttl, s.deadline, m.seq, m.role, m.content, "
+    "m.input_tokens, m.output_tokens, m.cost, m.metadata, m.created_at "
+    "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[]{arrays}) WITH ORDINALITY "
+    "AS j(tenant, id, now, n_limit, {after}n) "
+    "CROSS JOIN LATERAL (SELECT pk, expires_at, idle_ttl, deadline FROM {s}.sessions "
+    "WHERE tenant = j.tenant AND id = j.id AND (expires_at IS NULL OR expires_at > j.now) "
+    "LIMIT 1) s "
+    f"LEFT JOIN LATERAL (SELECT {_MESSAGE} FROM {{s}}.messages "
+    "WHERE session_pk = s.pk {range}) m ON true ORDER BY j.n, m.seq"
+)
 _FOLDER = (
     "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, (SELECT count(*) FROM {s}.sessions s "
     f"WHERE s.tenant = f.tenant AND coalesce(s.folder, '') = f.id AND {_LIVE.format(now='$1')}) "
@@ -305,6 +327,47 @@ _STATEMENTS: dict[str, str] = {
         f"FROM s, unnest({_MESSAGE_ARRAYS % (9, 10, 11, 12, 13, 14)}) WITH ORDINALITY "
         "AS d(role, content, input_tokens, output_tokens, cost, metadata, n)",
     ),
+    # Appends to several sessions in one statement (see _append_batch). It never waits for a
+    # lock: a job whose session is locked (by another writer of it), absent or at another
+    # version is left out of the reply, and its caller appends on its own; so the other
+    # jobs never wait behind it, and no two batches can deadlock.
+    "append_batch": (
+        "WITH l AS MATERIALIZED (SELECT s.pk, j.n, j.now, j.count, j.tokens_in, j.tokens_out, "
+        "j.cost FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::bigint[], "
+        "$6::bigint[], $7::float8[], $8::bigint[]) WITH ORDINALITY "
+        "AS j(tenant, id, now, count, tokens_in, tokens_out, cost, expected, n) "
+        "CROSS JOIN LATERAL (SELECT pk FROM {s}.sessions WHERE tenant = j.tenant AND id = j.id "
+        "AND (expires_at IS NULL OR expires_at > j.now) "
+        "AND (j.expected IS NULL OR version = j.expected) FOR UPDATE SKIP LOCKED) s), "
+        "u AS (UPDATE {s}.sessions s SET version = s.version + 1, updated_at = l.now, "
+        "message_count = s.message_count + l.count, last_seq = s.last_seq + l.count, "
+        "input_tokens = s.input_tokens + l.tokens_in, "
+        "output_tokens = s.output_tokens + l.tokens_out, cost = s.cost + l.cost, "
+        "expires_at = CASE WHEN s.idle_ttl IS NULL THEN s.expires_at "
+        "ELSE LEAST(s.deadline, GREATEST(s.expires_at, l.now + s.idle_ttl)) END "
+        # "= ANY": the rows are found on the primary key, whatever the planner thinks of
+        # joining a few jobs to the whole table.
+        "FROM l WHERE s.pk = l.pk AND s.pk = ANY(ARRAY(SELECT pk FROM l)) "
+        "RETURNING s.pk, s.last_seq, l.n, l.count, l.now), "
+        "a AS (UPDATE {s}.activity a SET updated_at = l.now FROM l WHERE a.session_pk = l.pk "
+        "AND a.session_pk = ANY(ARRAY(SELECT pk FROM l))), "
+        "m AS (INSERT INTO {s}.messages (session_pk, seq, role, content, input_tokens, "
+        "output_tokens, cost, metadata, created_at) SELECT u.pk, u.last_seq - u.count + d.k, "
+        "d.role, d.content, d.input_tokens, d.output_tokens, d.cost, d.metadata, u.now "
+        "FROM u JOIN unnest($9::bigint[], $10::bigint[], "
+        f"{_MESSAGE_ARRAYS % (11, 12, 13, 14, 15, 16)}) "
+        "AS d(n, k, role, content, input_tokens, output_tokens, cost, metadata) ON d.n = u.n) "
+        "SELECT n, last_seq FROM u"
+    ),
+    # Reads of several sessions in one statement (see _ReadBatch): per job, its session's
+    # expiry and its messages in range, or no row if the session is absent. LIMIT 1 keeps
+    # the session lookup a nested loop over the jobs, on the unique index.
+    "read_last_batch": _READ_BATCH.replace("{arrays}", "")
+    .replace("{after}", "")
+    .replace("{range}", "ORDER BY seq DESC LIMIT j.n_limit"),
+    "read_after_batch": _READ_BATCH.replace("{arrays}", ", $5::bigint[]")
+    .replace("{after}", "after_seq, ")
+    .replace("{range}", "AND seq > j.after_seq ORDER BY seq LIMIT j.n_limit"),
     "save": f"WITH {_SAVE_ACTIVITY} {_SAVE}",
     "save_state": (
         "WITH st AS (UPDATE {s}.states SET state = $16 WHERE session_pk = $1), "
@@ -523,6 +586,140 @@ class _Acquire:
         await self._pool.release(self._conn)
 
 
+class _Job:
+    """A call waiting for its batch: ``future`` gets its result."""
+
+    __slots__ = ("future", "now", "session_id", "tenant")
+
+    def __init__(self, tenant: str, session_id: str, now: float) -> None:
+        self.tenant = tenant
+        self.session_id = session_id
+        self.now = now
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(self, result: object) -> None:
+        if not self.future.done():  # its caller may have been cancelled
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    @property
+    def size(self) -> int:
+        return 1
+
+
+class _AppendJob(_Job):
+    """An append: ``future`` gets the session's last_seq after it, or None if nothing was
+    written (the session is absent or at another version)."""
+
+    __slots__ = ("cost", "expected", "messages", "tokens_in", "tokens_out")
+
+    def __init__(
+        self,
+        tenant: str,
+        session_id: str,
+        now: float,
+        messages: list[MessageDraft],
+        expected: int | None,
+    ) -> None:
+        super().__init__(tenant, session_id, now)
+        self.messages = messages
+        self.expected = expected
+        self.tokens_in = self.tokens_out = 0
+        self.cost = 0.0
+        for draft in messages:
+            self.tokens_in += draft.input_tokens
+            self.tokens_out += draft.output_tokens
+            self.cost += draft.cost
+
+    @property
+    def size(self) -> int:
+        return len(self.messages)
+
+
+class _ReadJob(_Job):
+    """A read of messages: ``future`` gets ``(expires_at, idle_ttl, deadline, messages)``
+    of the live session, or None if it is absent. ``after_seq`` None reads the newest."""
+
+    __slots__ = ("after_seq", "limit")
+
+    def __init__(
+        self, tenant: str, session_id: str, now: float, limit: int, after_seq: int | None
+    ) -> None:
+        super().__init__(tenant, session_id, now)
+        self.limit = limit
+        self.after_seq = after_seq
+
+    @property
+    def size(self) -> int:
+        return self.limit
+
+
+class _Batches(Generic[J]):
+    """Calls that arrive within one event-loop turn, run together in one statement.
+
+    The first call of a turn starts a task; its first step runs in the next turn, after
+    every task woken in this one has queued its call, and runs what it finds as one batch
+    on one pooled connection, then whatever arrived meanwhile, until nothing waits. At
+    most ``limit`` tasks run at once; calls beyond that wait for a task to finish its batch.
+    ``run`` settles or fails every job it is given, and never raises.
+    """
+
+    __slots__ = ("_limit", "_pending", "_run", "_runners", "_tasks")
+
+    def __init__(self, run: Callable[[list[J]], Awaitable[None]], limit: int) -> None:
+        self._run = run
+        self._limit = limit
+        self._pending: list[J] = []
+        self._runners = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references
+
+    def add(self, job: J) -> None:
+        self._pending.append(job)
+        if len(self._pending) == 1 and self._runners < self._limit:
+            self._runners += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[J]:
+        """The next batch: the oldest waiting jobs, within _BATCH_JOBS and _BATCH_MESSAGES."""
+        pending = self._pending
+        end, size = 0, 0
+        while end < len(pending) and end < _BATCH_JOBS:
+            size += pending[end].size
+            if end and size > _BATCH_MESSAGES:
+                break
+            end += 1
+        jobs = pending[:end]
+        del pending[:end]
+        return jobs
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._run(self._take())
+        finally:
+            self._runners -= 1
+
+
+def _rounds(jobs: list[J]) -> list[list[J]]:
+    """The jobs in rounds that each hold at most one job per session, in arrival order: a
+    session's second job in a batch waits for the round after its first."""
+    rounds: list[list[J]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        key = (job.tenant, job.session_id)
+        i = seen.get(key, 0)
+        seen[key] = i + 1
+        if i == len(rounds):
+            rounds.append([])
+        rounds[i].append(job)
+    return rounds
+
+
 async def migrate(conn: Connection, schema: str, target: int = SCHEMA_VERSION) -> None:
     """Create ``schema`` if needed and bring it up to ``target`` in one transaction.
 
@@ -657,8 +854,11 @@ class PostgresEngine(Engine):
     """Sessions in one PostgreSQL schema: safe for many processes and servers at once."""
 
     __slots__ = (
+        "_after_reads",
+        "_appends",
         "_dsn",
         "_durable",
+        "_last_reads",
         "_pool",
         "_sql",
         "schema",
@@ -672,6 +872,11 @@ class PostgresEngine(Engine):
         s = _quote(self.schema)
         self._sql = {name: sql.replace("{s}", s) for name, sql in _STATEMENTS.items()}
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # The hot calls, batched: concurrent appends and message reads share statements.
+        limit = settings.pool_size
+        self._appends = _Batches[_AppendJob](self._run_appends, limit)
+        self._last_reads = _Batches[_ReadJob](self._run_reads, limit)
+        self._after_reads = _Batches[_ReadJob](self._run_reads, limit)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -984,63 +1189,196 @@ class PostgresEngine(Engine):
         now: float,
         expected_version: int | None,
     ) -> list[MessageRecord]:
-        count = len(messages)
-        tokens_in = tokens_out = 0
-        cost = 0.0
-        for draft in messages:
-            tokens_in += draft.input_tokens
-            tokens_out += draft.output_tokens
-            cost += draft.cost
-        if count == 1:
-            sql = self._sql["append_one"]
+        self._usable_pool()
+        job = _AppendJob(tenant, session_id, now, messages, expected_version)
+        self._appends.add(job)
+        last_seq: int | None = await job.future
+        if last_seq is None:
+            # Nothing was written: say why, on a statement of its own.
+            last_seq = await self._run(functools.partial(self._append_alone, job))
+        return rules.number_messages(session_id, last_seq - len(messages), messages, now)
+
+    def _append_args(self, job: _AppendJob) -> tuple[str, list[Any]]:
+        """The statement and arguments of one append on its own."""
+        messages = job.messages
+        args: list[Any] = [
+            job.tenant,
+            job.session_id,
+            job.now,
+            len(messages),
+            job.tokens_in,
+            job.tokens_out,
+            job.cost,
+            job.expected,
+        ]
+        if len(messages) == 1:
             one = messages[0]
-            drafts: list[Any] = [one.role, one.content, tokens_in, tokens_out, cost, one.metadata]
+            args += [one.role, one.content, job.tokens_in, job.tokens_out, job.cost, one.metadata]
+            return self._sql["append_one"], args
+        return self._sql["append"], args + _message_arrays(messages)
+
+    async def _append_alone(self, job: _AppendJob, conn: Connection) -> int:
+        """Append on its own; raise NotFound or VersionConflict if it cannot be written."""
+        sql, args = self._append_args(job)
+        while True:
+            last_seq: int | None = await conn.fetchval(sql, *args)
+            if last_seq is not None:
+                return last_seq
+            # A session that is live and at the expected version now was absent or
+            # elsewhere a moment ago: try again.
+            row = await conn.fetchrow(self._sql["find"], job.tenant, job.session_id)
+            if row is None or rules.is_expired(row[2], job.now):
+                raise NotFound(f"no session {job.session_id!r}")
+            if job.expected is not None and row[1] != job.expected:
+                raise VersionConflict(job.session_id, job.expected, row[1])
+
+    async def _run_jobs(
+        self, jobs: Sequence[_Job], run: Callable[[Connection], Awaitable[None]]
+    ) -> None:
+        """Run a batch's statements on one pooled connection; a failure fails every job
+        not settled yet, each with an error of its own."""
+        try:
+            pool = self._usable_pool()
+            async with self._acquire(pool) as conn:
+                await run(conn)
+        except _DRIVER_ERRORS as exc:
+            failed = await self._failed(exc)
+            for job in jobs:
+                error = BackendUnavailable(str(failed))
+                error.__cause__ = exc
+                job.fail(error)
+        except BaseException as exc:
+            for job in jobs:
+                job.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _run_appends(self, jobs: list[_AppendJob]) -> None:
+        async def run(conn: Connection) -> None:
+            for batch in _rounds(jobs):
+                if len(batch) == 1:
+                    sql, args = self._append_args(batch[0])
+                    batch[0].settle(await conn.fetchval(sql, *args))
+                else:
+                    await self._append_batch(conn, batch)
+
+        await self._run_jobs(jobs, run)
+
+    async def _append_batch(self, conn: Connection, jobs: list[_AppendJob]) -> None:
+        """Several appends, to as many sessions, in one statement."""
+        n = len(jobs)
+        tenants: list[str] = [""] * n
+        ids: list[str] = [""] * n
+        nows: list[float] = [0.0] * n
+        counts: list[int] = [0] * n
+        tokens_in: list[int] = [0] * n
+        tokens_out: list[int] = [0] * n
+        costs: list[float] = [0.0] * n
+        expected: list[int | None] = [None] * n
+        owners: list[int] = []
+        positions: list[int] = []
+        messages: list[MessageDraft] = []
+        for i, job in enumerate(jobs):
+            tenants[i] = job.tenant
+            ids[i] = job.session_id
+            nows[i] = job.now
+            counts[i] = len(job.messages)
+            tokens_in[i] = job.tokens_in
+            tokens_out[i] = job.tokens_out
+            costs[i] = job.cost
+            expected[i] = job.expected
+            owners += [i + 1] * len(job.messages)
+            positions += range(1, len(job.messages) + 1)
+            messages += job.messages
+        args = (
+            tenants,
+            ids,
+            nows,
+            counts,
+            tokens_in,
+            tokens_out,
+            costs,
+            expected,
+            owners,
+            positions,
+            *_message_arrays(messages),
+        )
+        rows = await conn.fetch(self._sql["append_batch"], *args)
+        written: dict[int, int] = {row[0]: row[1] for row in rows}  # job number -> last_seq
+        for i, job in enumerate(jobs):
+            job.settle(written.get(i + 1))
+
+    async def _run_reads(self, jobs: list[_ReadJob]) -> None:
+        async def run(conn: Connection) -> None:
+            if len(jobs) == 1:
+                await self._read_alone(conn, jobs[0])
+            else:
+                await self._read_batch(conn, jobs)
+
+        await self._run_jobs(jobs, run)
+
+    async def _read_alone(self, conn: Connection, job: _ReadJob) -> None:
+        if job.after_seq is None:
+            args: tuple[Any, ...] = (self._sql["read_last"], job.limit)
         else:
-            sql = self._sql["append"]
-            drafts = _message_arrays(messages)
-        args = (tenant, session_id, now, count, tokens_in, tokens_out, cost, expected_version)
-        find = self._sql["find"]
+            args = (self._sql["read_after"], job.after_seq, job.limit)
+        rows = await conn.fetch(args[0], job.tenant, job.session_id, job.now, *args[1:])
+        if not rows:
+            job.settle(None)
+            return
+        first = rows[0]
+        sid = job.session_id
+        found = [] if first[3] is None else [MessageRecord(sid, *row[3:]) for row in rows]
+        job.settle((first[0], first[1], first[2], found))
 
-        async def job(conn: Connection) -> int:
-            while True:
-                last_seq: int | None = await conn.fetchval(sql, *args, *drafts)
-                if last_seq is not None:
-                    return last_seq
-                # Nothing was written: say why. A session that is live and at the
-                # expected version now was absent or elsewhere a moment ago: try again.
-                row = await conn.fetchrow(find, tenant, session_id)
-                if row is None or rules.is_expired(row[2], now):
-                    raise NotFound(f"no session {session_id!r}")
-                if expected_version is not None and row[1] != expected_version:
-                    raise VersionConflict(session_id, expected_version, row[1])
-
-        last_seq = await self._run(job)
-        return rules.number_messages(session_id, last_seq - count, messages, now)
+    async def _read_batch(self, conn: Connection, jobs: list[_ReadJob]) -> None:
+        tenants = [job.tenant for job in jobs]
+        ids = [job.session_id for job in jobs]
+        nows = [job.now for job in jobs]
+        limits = [job.limit for job in jobs]
+        if jobs[0].after_seq is None:
+            rows = await conn.fetch(self._sql["read_last_batch"], tenants, ids, nows, limits)
+        else:
+            after = [job.after_seq for job in jobs]
+            rows = await conn.fetch(
+                self._sql["read_after_batch"], tenants, ids, nows, limits, after
+            )
+        found: dict[int, tuple[Any, Any, Any, list[MessageRecord]]] = {}
+        for row in rows:  # by job, then seq
+            n = row[0]
+            entry = found.get(n)
+            if entry is None:
+                entry = found[n] = (row[1], row[2], row[3], [])
+            if row[4] is not None:
+                entry[3].append(MessageRecord(jobs[n - 1].session_id, *row[4:]))
+        for i, job in enumerate(jobs):
+            job.settle(found.get(i + 1))
 
     async def _messages(
-        self, sql: str, tenant: str, session_id: str, now: float, *args: Any
+        self, batches: _Batches[_ReadJob], job: _ReadJob
     ) -> list[MessageRecord] | None:
-        rows = await self._fetch(sql, tenant, session_id, now, *args)
-        if not rows:
+        self._usable_pool()
+        batches.add(job)
+        found = await job.future
+        if found is None:
             return None
-        live, _ = await self._renew(tenant, session_id, now, *rows[0][:3])
-        if not live:
-            return None
-        if rows[0][3] is None:  # the session has no messages (in range)
-            return []
-        return [MessageRecord(session_id, *row[3:]) for row in rows]
+        expires_at, idle_ttl, deadline, messages = found
+        live, _ = await self._renew(
+            job.tenant, job.session_id, job.now, expires_at, idle_ttl, deadline
+        )
+        return messages if live else None
 
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
-        sql = self._sql["read_after"]
-        return await self._messages(sql, tenant, session_id, now, after_seq, limit)
+        job = _ReadJob(tenant, session_id, now, limit, after_seq)
+        return await self._messages(self._after_reads, job)
 
     async def last_messages(
         self, tenant: str, session_id: str, now: float, limit: int
     ) -> list[MessageRecord] | None:
-        sql = self._sql["read_last"]
-        return await self._messages(sql, tenant, session_id, now, limit)
+        job = _ReadJob(tenant, session_id, now, limit, None)
+        return await self._messages(self._last_reads, job)
 
     async def pop_message(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
