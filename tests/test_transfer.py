@@ -669,3 +669,15 @@ async def test_the_readme_example_export_imports_and_exports_byte_for_byte(
         assert (report.imported, report.messages, report.folders_imported) == (1, 2, 1)
         await export_store(store, tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_bytes() == example.read_bytes()
+
+
+async def test_a_folder_that_cannot_be_copied_is_reported_and_the_rest_goes_on(
+    store: SessionStore, target: SessionStore
+) -> None:
+    await sample(store)  # s0 is in alice's folder "Work"
+    await target.create_folder("Work", owner="alice")  # the name is taken there
+    report = await migrate(store, target)
+    assert (report.folders_failed, report.copied, report.failed, report.ok) == (1, 2, 1, False)
+    assert report.errors[0].startswith("default/folder ")
+    assert report.errors[1].startswith("default/s0: no folder")
+    assert report.to_dict()["ok"] is False

@@ -574,8 +574,7 @@ def migrate_command(
                 )
 
     report = asyncio.run(run())
-    ok = not report.failed and (report.verify is None or report.verify.ok)
-    _finish("migrate", report.to_dict(), as_json, 0 if ok else EXIT_FAILED)
+    _finish("migrate", report.to_dict(), as_json, 0 if report.ok else EXIT_FAILED)
 
 
 @_command("verify")

@@ -792,9 +792,16 @@ class MigrateReport:
     folders_copied: int = 0
     folders_replaced: int = 0
     folders_unchanged: int = 0
+    folders_failed: int = 0
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     verify: VerifyReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Nothing failed, and the verify (if one ran) found the two sides equal."""
+        clean = not self.failed and not self.folders_failed
+        return clean and (self.verify is None or self.verify.ok)
 
     @property
     def sessions_per_second(self) -> float:
@@ -803,6 +810,7 @@ class MigrateReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["ok"] = self.ok
         data["sessions_per_second"] = round(self.sessions_per_second, 1)
         data["verify"] = None if self.verify is None else self.verify.to_dict()
         return data
@@ -890,14 +898,21 @@ async def _migrate_folders(
     existing = {f.id: f for f in await target.export_folders()}
     for folder in await source.export_folders():
         there = existing.get(folder.id)
-        if there is None:
-            await target.load_folder(folder, dry_run=dry_run)
-            report.folders_copied += 1
-        elif _same_folder(folder, there):
-            report.folders_unchanged += 1
-        else:
-            await target.load_folder(folder, replace=True, dry_run=dry_run)
-            report.folders_replaced += 1
+        try:
+            if there is None:
+                await target.load_folder(folder, dry_run=dry_run)
+                report.folders_copied += 1
+            elif _same_folder(folder, there):
+                report.folders_unchanged += 1
+            else:
+                await target.load_folder(folder, replace=True, dry_run=dry_run)
+                report.folders_replaced += 1
+        except BackendUnavailable:
+            raise
+        except SessionKeeperError as exc:  # say a folder of the owner has its name there
+            report.folders_failed += 1
+            if len(report.errors) < _MAX_SAMPLES:
+                report.errors.append(f"{source.tenant}/folder {folder.id}: {exc}")
 
 
 async def _copy_session(
