@@ -27,6 +27,7 @@ __all__ = ["ENGINE_URLS", "SERVER_ENGINES", "SHARED_ENGINES", "redis_cluster"]
 # address of the Redis Cluster the suite starts.
 ENGINE_URLS: dict[str, str] = {
     "memory": "memory://",
+    "files": "file://{tmp}/files",
     "sqlite": "sqlite:///{tmp}/store.db",
     "postgresql": "postgresql://127.0.0.1:5432/test?schema={ns}",
     "redis": "redis://127.0.0.1:6379/0?prefix={ns}:",
@@ -35,7 +36,7 @@ ENGINE_URLS: dict[str, str] = {
 SERVER_ENGINES: set[str] = {"postgresql", "redis", "redis-cluster"}
 # Engines whose data other processes see and that keep it when the store is reopened.
 # Tests use this as a capability ("run the writers as processes"), never as an engine name.
-SHARED_ENGINES: set[str] = {"sqlite", "postgresql", "redis", "redis-cluster"}
+SHARED_ENGINES: set[str] = {"files", "sqlite", "postgresql", "redis", "redis-cluster"}
 
 
 def engine_params() -> list[object]:

@@ -42,6 +42,27 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
+def _files(url: str, settings: Settings) -> Engine:
+    from .files import FilesEngine
+
+    return FilesEngine(files_path(url), settings)
+
+
+def files_path(url: str) -> Path:
+    """``file:///abs/dir`` is absolute; ``file:rel/dir`` (no slashes) is relative to the
+    working directory. The path is taken as written: no host, options or percent-decoding."""
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise InvalidInput(
+            "url", "a file URL has no host: write file:///abs/dir or file:relative/dir"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidInput("url", "file URLs take no options; use settings instead")
+    if not parts.path or parts.path == "/":
+        raise InvalidInput("url", "a file URL needs a folder (file:///path/to/dir)")
+    return Path(parts.path)
+
+
 def _postgres(url: str, settings: Settings) -> Engine:
     from .postgres import PostgresEngine
 
@@ -57,6 +78,7 @@ def _redis(url: str, settings: Settings) -> Engine:
 #: scheme -> (factory, the extra that installs its driver, or None if it needs none)
 ENGINES: dict[str, tuple[Callable[[str, Settings], Engine], str | None]] = {
     "memory": (_memory, None),
+    "file": (_files, None),
     "sqlite": (_sqlite, None),
     "postgresql": (_postgres, "postgres"),
     "postgres": (_postgres, "postgres"),
