@@ -681,3 +681,11 @@ async def test_a_folder_that_cannot_be_copied_is_reported_and_the_rest_goes_on(
     assert report.errors[0].startswith("default/folder ")
     assert report.errors[1].startswith("default/s0: no folder")
     assert report.to_dict()["ok"] is False
+
+
+async def test_export_session_names_a_bad_id_and_a_missing_session(store: SessionStore) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await store.export_session("../x")
+    assert caught.value.field == "session_id"
+    with pytest.raises(NotFound, match="no session 'missing'"):
+        await store.export_session("missing")
