@@ -15,6 +15,8 @@ Driver errors are wrapped in BackendUnavailable (``raise ... from exc``), never 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 __all__ = [
     "AlreadyExists",
     "BackendUnavailable",
@@ -112,10 +114,12 @@ class BudgetExceeded(SessionKeeperError):
         limit: float,
         resets_at: float | None,
     ) -> None:
-        reset = "" if resets_at is None else f"; the period resets at {resets_at:.0f}"
+        reset = ""
+        if resets_at is not None:
+            reset = f"; it resets at {datetime.fromtimestamp(resets_at, UTC).isoformat()}"
         super().__init__(
-            f"{scope} has used {used:g} of its {what} budget of {limit:g}; "
-            f"{wanted:g} more would exceed it{reset}"
+            f"{scope}: {what} used {used:g} of {limit:g} this period; "
+            f"{wanted:g} more would exceed the budget{reset}"
         )
         self.scope = scope
         self.what = what

@@ -17,23 +17,27 @@ from typing import Any, Literal, Self
 
 from pydantic import ValidationError
 
-from . import rules
+from . import guards, rules
 from .clock import Clock, SystemClock
 from .engines.base import Engine
 from .engines.urls import engine_from_url
-from .errors import BackendUnavailable, InvalidInput, NotFound
+from .errors import BackendUnavailable, InvalidInput, LockedOut, NotFound, RateLimited
 from .models import (
+    PERIODS,
     STATUSES,
     UNSET,
+    BudgetUsage,
     Change,
     ChangeResult,
     Folder,
     FolderRecord,
+    LoginStatus,
     Message,
     MessageDraft,
     MessageIn,
     MessageRecord,
     Page,
+    RateLimitResult,
     Session,
     SessionQuery,
     SessionRecord,
@@ -270,7 +274,7 @@ class SessionStore:
     leaves it open.
     """
 
-    __slots__ = ("_clock", "_engine", "_open", "_owns_engine", "settings", "tenant")
+    __slots__ = ("_clock", "_engine", "_guarded", "_open", "_owns_engine", "settings", "tenant")
 
     def __init__(
         self,
@@ -286,6 +290,10 @@ class SessionStore:
         self._engine = engine
         self._clock = clock or SystemClock()
         self._owns_engine = owns_engine
+        # whether appends pass guards (a message rate or budgets) before they write
+        self._guarded = (
+            self.settings.session_message_limit is not None or self.settings.budgets_enforced
+        )
         self._open = [False]  # shared with tenant views, so closing one closes them all
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -561,7 +569,16 @@ class SessionStore:
                 metadata, "metadata", settings.max_metadata_bytes
             )
         change.messages = self._drafts(messages, "messages") if messages else []
-        record, appended = await self.engine.change_session(self.tenant, sid, change, self._now())
+        now = self._now()
+        if self._guarded and change.messages:
+            taken = await self._pass_guards(sid, change.messages, now)
+            try:
+                record, appended = await self.engine.change_session(self.tenant, sid, change, now)
+            except BaseException:
+                await guards.refund(self.engine, self.tenant, self.settings, taken, now)
+                raise
+        else:
+            record, appended = await self.engine.change_session(self.tenant, sid, change, now)
         return ChangeResult.model_construct(
             session=_session(record), messages=[_message(m) for m in appended]
         )
@@ -626,9 +643,7 @@ class SessionStore:
         drafts = self._drafts(messages, "messages")
         if not drafts:
             raise InvalidInput("messages", "must hold at least one message")
-        appended = await self.engine.append_messages(
-            self.tenant, sid, drafts, self._now(), _version(expected_version)
-        )
+        appended = await self._append(sid, drafts, _version(expected_version))
         return [_message(m) for m in appended]
 
     async def append_message(
@@ -646,10 +661,54 @@ class SessionStore:
         """Append one message and return it with its seq."""
         sid = self._session_id(session_id)
         draft = self._draft(role, content, input_tokens, output_tokens, cost, metadata, "")
-        (appended,) = await self.engine.append_messages(
-            self.tenant, sid, [draft], self._now(), _version(expected_version)
-        )
+        (appended,) = await self._append(sid, [draft], _version(expected_version))
         return _message(appended, content, isinstance(content, _SCALARS))
+
+    async def _append(
+        self, sid: str, drafts: list[MessageDraft], expected_version: int | None
+    ) -> list[MessageRecord]:
+        now = self._now()
+        if not self._guarded:
+            return await self.engine.append_messages(
+                self.tenant, sid, drafts, now, expected_version
+            )
+        taken = await self._pass_guards(sid, drafts, now)
+        try:
+            return await self.engine.append_messages(
+                self.tenant, sid, drafts, now, expected_version
+            )
+        except BaseException:
+            await guards.refund(self.engine, self.tenant, self.settings, taken, now)
+            raise
+
+    async def _pass_guards(
+        self, sid: str, drafts: list[MessageDraft], now: float
+    ) -> list[guards.Reservation]:
+        """Check the session's message rate, then reserve the drafts' tokens and cost in
+        the budgets. Raises RateLimited, BudgetExceeded or NotFound having written nothing
+        but the rate limit's count of the attempt."""
+        settings = self.settings
+        limit = settings.session_message_limit
+        if limit is not None:
+            if len(drafts) > limit:
+                raise InvalidInput(
+                    "messages", f"more than the {limit} messages a session may get per window"
+                )
+            window = settings.session_message_window
+            key = f"{guards.RATE}messages:{sid}"
+            allowed, _, retry_after, _ = await self.engine.rate_hit(
+                self.tenant, key, limit, window, len(drafts), now
+            )
+            if not allowed:
+                raise RateLimited(f"messages:{sid}", limit, window, retry_after)
+        if not settings.budgets_enforced:
+            return []
+        record = await self.engine.get_session(self.tenant, sid, now)
+        if record is None:
+            raise NotFound(f"no session {sid!r}")
+        return await guards.reserve(
+            self.engine, self.tenant, settings, record.owner, sid, drafts, now
+        )
 
     async def read_messages(
         self, session_id: str, *, after_seq: int = 0, limit: int = 100
@@ -846,6 +905,101 @@ class SessionStore:
             total += purged
             if purged < size:
                 return total
+
+    # --- guards: rate limits, failed logins, budgets ----------------------------------
+
+    async def hit(self, key: str, limit: int, window: float, *, cost: int = 1) -> RateLimitResult:
+        """Count a hit on the rate limit ``key``: at most ``limit`` hits (of weight
+        ``cost``) per sliding ``window`` of seconds, exactly. A refused hit counts nothing;
+        its result says how long to wait."""
+        return await guards.hit(
+            self.engine, self.tenant, self.settings, key, limit, window, cost, self._now()
+        )
+
+    async def login_failed(
+        self, *, ip: str | None = None, account: str | None = None
+    ) -> LoginStatus:
+        """Record a failed login from the client ``ip`` for ``account`` (either or both);
+        returns the worse status of the two, locked when this failure locked it."""
+        return await guards.login_failed(
+            self.engine, self.tenant, self.settings, ip, account, self._now()
+        )
+
+    async def login_succeeded(self, *, ip: str | None = None, account: str | None = None) -> None:
+        """A successful login: forget the failures of the client ``ip`` and ``account``."""
+        await guards.login_succeeded(self.engine, self.tenant, ip, account, self._now())
+
+    async def login_status(
+        self, *, ip: str | None = None, account: str | None = None
+    ) -> LoginStatus:
+        """The worse login status of the client ``ip`` and ``account``."""
+        return await guards.login_status(
+            self.engine, self.tenant, self.settings, ip, account, self._now()
+        )
+
+    async def check_login(self, *, ip: str | None = None, account: str | None = None) -> None:
+        """Raise LockedOut if the client ``ip`` or ``account`` is locked out; call it
+        before checking a password."""
+        status = await self.login_status(ip=ip, account=account)
+        if status.locked:
+            raise LockedOut(status.who, status.retry_after)
+
+    async def unlock_login(self, *, ip: str | None = None, account: str | None = None) -> int:
+        """Lift the lockout and forget the failures of ``ip`` and ``account``; returns how
+        many of them had any on record."""
+        return await guards.unlock(self.engine, self.tenant, ip, account, self._now())
+
+    async def list_logins(self, *, locked_only: bool = False) -> list[LoginStatus]:
+        """Every client and account with failed logins on record, latest failure first."""
+        return await guards.list_logins(
+            self.engine, self.tenant, self.settings, locked_only, self._now()
+        )
+
+    def _budget_scope(
+        self, owner: str | None, session_id: str | None
+    ) -> tuple[str | None, str | None]:
+        if (owner is None) == (session_id is None):
+            raise InvalidInput("owner", "give either an owner or a session_id")
+        if session_id is not None:
+            return None, self._session_id(session_id)
+        return _text(owner, "owner", _MAX_NAME), None
+
+    async def set_budget(
+        self,
+        *,
+        owner: str | None = None,
+        session_id: str | None = None,
+        tokens: int | None = None,
+        cost: float | None = None,
+        period: str | None = None,
+    ) -> BudgetUsage:
+        """Give one owner or one session budgets of its own: ``tokens`` (input plus output)
+        and ``cost`` per ``period``; what is not given follows the settings. Usage counted
+        so far in the period is kept. Appends check budgets when the ``budgets`` setting
+        is on or a budget setting is set."""
+        owner, sid = self._budget_scope(owner, session_id)
+        limits: dict[str, Any] = {}
+        if tokens is not None:
+            limits["tokens"] = _int(tokens, "tokens", 0)
+        if cost is not None:
+            limits["cost"] = _cost(cost, "cost")
+        if period is not None:
+            if period not in PERIODS:
+                raise InvalidInput("period", f"must be one of {', '.join(PERIODS)}")
+            limits["period"] = period
+        return await guards.set_budget(
+            self.engine, self.tenant, self.settings, owner, sid, limits, self._now()
+        )
+
+    async def budget_usage(
+        self, *, owner: str | None = None, session_id: str | None = None
+    ) -> BudgetUsage:
+        """Tokens and cost used by an owner or a session in the current period, and its
+        limits."""
+        owner, sid = self._budget_scope(owner, session_id)
+        return await guards.budget_usage(
+            self.engine, self.tenant, self.settings, owner, sid, self._now()
+        )
 
     # --- transfer: export, import, migrate, backup ------------------------------------
     # These speak records, the exact stored form (Unix-second floats, JSON text, the

@@ -17,12 +17,15 @@ from typing import Any, Self, TypeVar
 from .clock import Clock
 from .models import (
     UNSET,
+    BudgetUsage,
     ChangeResult,
     Folder,
     FolderRecord,
+    LoginStatus,
     Message,
     MessageRecord,
     Page,
+    RateLimitResult,
     Session,
     SessionRecord,
     SessionSummary,
@@ -393,6 +396,64 @@ class SyncSessionStore:
         return self._portal.call(
             self._store.purge_expired(batch_size=batch_size, all_tenants=all_tenants)
         )
+
+    def hit(self, key: str, limit: int, window: float, *, cost: int = 1) -> RateLimitResult:
+        """Count a hit on the rate limit ``key``: at most ``limit`` hits (of weight ``cost``) per
+        sliding ``window`` of seconds, exactly. A refused hit counts nothing; its result
+        says how long to wait."""
+        return self._portal.call(self._store.hit(key, limit, window, cost=cost))
+
+    def login_failed(self, *, ip: str | None = None, account: str | None = None) -> LoginStatus:
+        """Record a failed login from the client ``ip`` for ``account`` (either or both); returns
+        the worse status of the two, locked when this failure locked it."""
+        return self._portal.call(self._store.login_failed(ip=ip, account=account))
+
+    def login_succeeded(self, *, ip: str | None = None, account: str | None = None) -> None:
+        """A successful login: forget the failures of the client ``ip`` and ``account``."""
+        return self._portal.call(self._store.login_succeeded(ip=ip, account=account))
+
+    def login_status(self, *, ip: str | None = None, account: str | None = None) -> LoginStatus:
+        """The worse login status of the client ``ip`` and ``account``."""
+        return self._portal.call(self._store.login_status(ip=ip, account=account))
+
+    def check_login(self, *, ip: str | None = None, account: str | None = None) -> None:
+        """Raise LockedOut if the client ``ip`` or ``account`` is locked out; call it before
+        checking a password."""
+        return self._portal.call(self._store.check_login(ip=ip, account=account))
+
+    def unlock_login(self, *, ip: str | None = None, account: str | None = None) -> int:
+        """Lift the lockout and forget the failures of ``ip`` and ``account``; returns how many of
+        them had any on record."""
+        return self._portal.call(self._store.unlock_login(ip=ip, account=account))
+
+    def list_logins(self, *, locked_only: bool = False) -> list[LoginStatus]:
+        """Every client and account with failed logins on record, latest failure first."""
+        return self._portal.call(self._store.list_logins(locked_only=locked_only))
+
+    def set_budget(
+        self,
+        *,
+        owner: str | None = None,
+        session_id: str | None = None,
+        tokens: int | None = None,
+        cost: float | None = None,
+        period: str | None = None,
+    ) -> BudgetUsage:
+        """Give one owner or one session budgets of its own: ``tokens`` (input plus output) and
+        ``cost`` per ``period``; what is not given follows the settings. Usage counted
+        so far in the period is kept. Appends check budgets when the ``budgets`` setting
+        is on or a budget setting is set."""
+        return self._portal.call(
+            self._store.set_budget(
+                owner=owner, session_id=session_id, tokens=tokens, cost=cost, period=period
+            )
+        )
+
+    def budget_usage(
+        self, *, owner: str | None = None, session_id: str | None = None
+    ) -> BudgetUsage:
+        """Tokens and cost used by an owner or a session in the current period, and its limits."""
+        return self._portal.call(self._store.budget_usage(owner=owner, session_id=session_id))
 
     def list_tenants(self) -> list[str]:
         """Every tenant of the engine that has a live session or a folder, sorted."""

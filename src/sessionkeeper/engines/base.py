@@ -12,10 +12,16 @@ from __future__ import annotations
 import os
 import weakref
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
+import orjson
+
+from .. import rules
 from ..models import (
     Change,
     FolderRecord,
+    GuardRecord,
+    GuardUpdate,
     MessageDraft,
     MessageRecord,
     SessionQuery,
@@ -24,6 +30,8 @@ from ..models import (
 )
 
 __all__ = ["Engine"]
+
+T = TypeVar("T")
 
 
 # Engines open in this process, and those a forked child inherited: a child must neither
@@ -240,3 +248,42 @@ class Engine(ABC):
         """Store a folder with its own id and ``created_at``. One with the id is kept and
         False returned, unless ``replace``, when its owner and name are overwritten.
         Raises AlreadyExists if another folder of the owner has the name."""
+
+    # --- guards: rate limits, failed logins, budgets ----------------------------------
+    # A guard is a small JSON value under an opaque key of a tenant, with an expiry. Keys
+    # are any printable text (``rate:``, ``login:`` or ``budget:`` and up to 300 more
+    # characters): an engine that names files after them hashes them first.
+
+    @abstractmethod
+    async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
+        """Run ``update`` on the guard's value (None if absent or expired at ``now``) and
+        store the value it returns (None deletes the guard) with the expiry it returns,
+        atomically: concurrent updates of one key, from any process, never interleave.
+        Returns what ``update`` returned. ``update`` is pure and may run more than once."""
+
+    @abstractmethod
+    async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
+        """The guard's value, or None if it is absent or expired."""
+
+    @abstractmethod
+    async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        """Every live guard of ``tenant`` whose key starts with ``prefix``, by key."""
+
+    async def rate_hit(
+        self, tenant: str, key: str, limit: int, window: float, cost: int, now: float
+    ) -> tuple[bool, int, float, float]:
+        """A hit of weight ``cost`` on the sliding-window log ``key`` (``rules.rate_hit``),
+        atomically. Returns whether it was admitted, the hits now in the window, and the
+        seconds until it would be admitted and until the window is empty. Engines with a
+        faster atomic path than ``update_guard`` override it, keeping these semantics."""
+
+        def update(
+            value: str | None,
+        ) -> tuple[str | None, float | None, tuple[bool, int, float, float]]:
+            hits, allowed, retry_after = rules.rate_hit(value, limit, window, cost, now)
+            if not hits:
+                return None, None, (allowed, 0, retry_after, 0.0)
+            ends = hits[-1] + window
+            return orjson.dumps(hits).decode(), ends, (allowed, len(hits), retry_after, ends - now)
+
+        return await self.update_guard(tenant, key, update, now)

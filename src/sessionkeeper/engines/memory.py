@@ -12,13 +12,15 @@ from ..errors import AlreadyExists, NotFound
 from ..models import (
     Change,
     FolderRecord,
+    GuardRecord,
+    GuardUpdate,
     MessageDraft,
     MessageRecord,
     SessionQuery,
     SessionRecord,
     Stats,
 )
-from .base import Engine
+from .base import Engine, T
 
 __all__ = ["MemoryEngine"]
 
@@ -28,6 +30,7 @@ class _Tenant:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
     messages: dict[str, list[MessageRecord]] = field(default_factory=dict)
     folders: dict[str, FolderRecord] = field(default_factory=dict)
+    guards: dict[str, GuardRecord] = field(default_factory=dict)
 
 
 def _seq(message: MessageRecord) -> int:
@@ -370,3 +373,38 @@ class MemoryEngine(Engine):
                 raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
             space.folders[record.id] = dataclasses.replace(record, session_count=0)
             return True
+
+    # --- guards ------------------------------------------------------------------------
+
+    def _guard(self, space: _Tenant, key: str, now: float) -> GuardRecord | None:
+        guard = space.guards.get(key)
+        if guard is not None and rules.is_expired(guard.expires_at, now):
+            del space.guards[key]
+            return None
+        return guard
+
+    async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
+        with self._lock:
+            space = self._tenant(tenant)
+            guard = self._guard(space, key, now)
+            value, expires_at, result = update(None if guard is None else guard.value)
+            if value is None:
+                space.guards.pop(key, None)
+            else:
+                space.guards[key] = GuardRecord(key, value, expires_at)
+            return result
+
+    async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
+        with self._lock:
+            guard = self._guard(self._tenant(tenant), key, now)
+            return None if guard is None else guard.value
+
+    async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        with self._lock:
+            space = self._tenant(tenant)
+            found = [
+                guard
+                for key in sorted(space.guards)
+                if key.startswith(prefix) and (guard := self._guard(space, key, now)) is not None
+            ]
+        return found

@@ -32,6 +32,8 @@ from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, 
 from ..models import (
     Change,
     FolderRecord,
+    GuardRecord,
+    GuardUpdate,
     MessageDraft,
     MessageRecord,
     OwnerCount,
@@ -203,6 +205,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP INDEX {s}.sessions_by_updated",
         "DROP INDEX {s}.sessions_by_owner_updated",
         "ALTER TABLE {s}.sessions SET (fillfactor = 75)",
+    ),
+    # Guards: rate-limit logs, failed-login records and budget usage, one row per key.
+    4: (
+        """CREATE TABLE {s}.guards (
+            tenant text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            value text NOT NULL,
+            expires_at double precision,
+            PRIMARY KEY (tenant, key)
+        )""",
+        "CREATE INDEX guards_by_expiry ON {s}.guards (expires_at) WHERE expires_at IS NOT NULL",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -489,6 +502,30 @@ _STATEMENTS: dict[str, str] = {
     # The queue pattern: sessions another purger (or a writer) holds are skipped.
     "lock_expired": (
         "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED"
+    ),
+    # Locks the guard's row for the transaction, making it first if there is none (as an
+    # expired row with an empty value), and reads what it holds.
+    "lock_guard": (
+        "INSERT INTO {s}.guards VALUES ($1, $2, '', 0) ON CONFLICT (tenant, key) "
+        "DO UPDATE SET tenant = excluded.tenant RETURNING value, expires_at"
+    ),
+    "save_guard": (
+        "UPDATE {s}.guards SET value = $3, expires_at = $4 WHERE tenant = $1 AND key = $2"
+    ),
+    "drop_guard": "DELETE FROM {s}.guards WHERE tenant = $1 AND key = $2",
+    "get_guard": (
+        "SELECT value FROM {s}.guards WHERE tenant = $1 AND key = $2 "
+        "AND (expires_at IS NULL OR expires_at > $3)"
+    ),
+    "list_guards": (
+        "SELECT key, value, expires_at FROM {s}.guards WHERE tenant = $1 AND key >= $2 "
+        "AND left(key, char_length($2)) = $2 AND (expires_at IS NULL OR expires_at > $3) "
+        "ORDER BY key"
+    ),
+    "purge_guards": (
+        "DELETE FROM {s}.guards WHERE ctid = ANY(ARRAY(SELECT ctid FROM {s}.guards "
+        "WHERE expires_at <= $1 AND ($3::text IS NULL OR tenant = $3) LIMIT $2 "
+        "FOR UPDATE SKIP LOCKED))"
     ),
     "lock_expired_of_tenant": (
         "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 AND tenant = $3 "
@@ -1531,6 +1568,8 @@ class PostgresEngine(Engine):
                 rows = await conn.fetch(self._sql["lock_expired_of_tenant"], now, limit, tenant)
             if rows:
                 await conn.execute(self._sql["drop"], [row[0] for row in rows])
+            # Expired guards go too (they are absent already); only sessions are counted.
+            await conn.execute(self._sql["purge_guards"], now, limit, tenant)
             return len(rows)
 
         return await self._transact(job)
@@ -1602,3 +1641,28 @@ class PostgresEngine(Engine):
             return loaded is not None
 
         return await self._run(job)
+
+    # --- guards ------------------------------------------------------------------------
+
+    async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
+        async def job(conn: Connection) -> T:
+            row = await conn.fetchrow(self._sql["lock_guard"], tenant, key)
+            assert row is not None  # the upsert returns its row
+            stored, expires = row
+            live = stored != "" and not rules.is_expired(expires, now)
+            value, expires_at, result = update(stored if live else None)
+            if value is None:
+                await conn.execute(self._sql["drop_guard"], tenant, key)
+            else:
+                await conn.execute(self._sql["save_guard"], tenant, key, value, expires_at)
+            return result
+
+        return await self._transact(job)
+
+    async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
+        rows = await self._fetch(self._sql["get_guard"], tenant, key, now)
+        return str(rows[0][0]) if rows and rows[0][0] != "" else None
+
+    async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        rows = await self._fetch(self._sql["list_guards"], tenant, prefix, now)
+        return [GuardRecord(*row) for row in rows if row[1] != ""]

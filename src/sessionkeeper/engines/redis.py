@@ -76,6 +76,8 @@ from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, 
 from ..models import (
     Change,
     FolderRecord,
+    GuardRecord,
+    GuardUpdate,
     MessageDraft,
     MessageRecord,
     SessionQuery,
@@ -616,6 +618,73 @@ end
 return 0
 """
 
+# --- guards: small values under the tenant's hash tag, changed by compare-and-set ---------
+
+# Native TTL for a guard key: set only when ahead of the server's clock (the store's clock
+# decides what is expired; a time already past would delete the key at once).
+_LUA_GUARD = r"""
+local function expire_at(key, expires)
+  if expires == '' then return end
+  local ms = math.ceil(tonumber(expires) * 1000)
+  local t = redis.call('TIME')
+  if ms <= t[1] * 1000 + math.floor(t[2] / 1000) then return end
+  redis.call('PEXPIREAT', key, string.format('%.0f', ms))
+end
+"""
+
+# KEYS: the guard (a hash: v the value, e its expiry or ''), the tenant's guard index.
+# ARGV: the value the caller read ('' if none), '1' if it read one, the new value, '1' to
+# store it ('0' deletes), its expiry or '', the guard's key as the index member.
+# Writes only if the stored value is still the one read. Replies 1 if it wrote, else 0.
+_GUARD_SET = r"""
+local current = redis.call('HGET', KEYS[1], 'v')
+if ARGV[2] == '1' then
+  if current ~= ARGV[1] then return 0 end
+elseif current then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[3], 'e', ARGV[5])
+  expire_at(KEYS[1], ARGV[5])
+  redis.call('ZADD', KEYS[2], 0, ARGV[6])
+else
+  redis.call('ZREM', KEYS[2], ARGV[6])
+end
+return 1
+"""
+
+# The sliding-window log of rules.rate_hit as a list, newest time first, at most `limit`
+# long. KEYS: the log. ARGV: limit, window, cost, now. Replies one string (one reply to
+# parse): "<admitted 1/0> <hits in the window after the hit> <seconds until it would be
+# admitted> <seconds until the window is empty>".
+_RATE_HIT = r"""
+local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
+local cutoff = now - window
+-- The times in the window are a prefix of the log: find its length by bisection.
+local lo, hi = 0, math.min(redis.call('LLEN', KEYS[1]), limit)
+while lo < hi do
+  local mid = math.floor((lo + hi) / 2)
+  if tonumber(redis.call('LINDEX', KEYS[1], mid)) > cutoff then lo = mid + 1 else hi = mid end
+end
+local n = lo
+if n + cost <= limit then
+  local pushed = {}
+  for i = 1, cost do pushed[i] = ARGV[4] end
+  redis.call('LPUSH', KEYS[1], unpack(pushed))
+  redis.call('LTRIM', KEYS[1], 0, limit - 1)
+  expire_at(KEYS[1], tostring(now + window))
+  return '1 ' .. (n + cost) .. ' 0 ' .. ARGV[2]
+end
+-- Admitted once the oldest n + cost - limit times have left the window.
+local oldest = tonumber(redis.call('LINDEX', KEYS[1], limit - cost))
+local retry = oldest + window - now
+if retry < 0 then retry = 0 end
+local reset = tonumber(redis.call('LINDEX', KEYS[1], 0)) + window - now
+return string.format('0 %d %.17g %.17g', n, retry, reset)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class _Script:
@@ -655,6 +724,8 @@ _SCRIPTS = {
     "rename_folder": _Script.of(_LUA_TENANT, _RENAME_FOLDER),
     "delete_folder": _Script.of(_LUA_TENANT, _DELETE_FOLDER),
     "restore_updated": _Script.of(_RESTORE_UPDATED),
+    "guard_set": _Script.of(_LUA_GUARD, _GUARD_SET),
+    "rate_hit": _Script.of(_LUA_GUARD, _RATE_HIT),
 }
 
 
@@ -917,6 +988,7 @@ class _Connection(Connection):
 
 # OSError covers socket errors and TimeoutError; RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException, OSError)
+_GUARD_ATTEMPTS = 10_000  # compare-and-set rounds before a guard update gives up
 
 
 def _hook(
@@ -1895,6 +1967,73 @@ class RedisEngine(Engine):
         if reply == "name":
             raise AlreadyExists(f"owner {r.owner!r} already has a folder {r.name!r}")
         return bool(reply == "ok")
+
+    # --- guards ------------------------------------------------------------------------
+
+    def _guard_keys(self, tenant: str, key: str) -> list[str]:
+        tag = self._tenant(tenant).tag
+        return [f"{tag}:guard:{key}", f"{tag}:guards"]
+
+    @_hook
+    async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
+        keys = self._guard_keys(tenant, key)
+        for _ in range(_GUARD_ATTEMPTS):
+            reply = await self._redis.hmget(keys[0], ["v", "e"])
+            stored, expires = cast("list[str | None]", reply)
+            live = stored is not None and not rules.is_expired(_float(expires or None), now)
+            value, expires_at, result = update(stored if live else None)
+            if value is not None and rules.is_expired(expires_at, now):
+                value = None
+            args = [
+                stored or "",
+                "0" if stored is None else "1",
+                value or "",
+                "0" if value is None else "1",
+                "" if expires_at is None else repr(expires_at),
+                key,
+            ]
+            if await self._eval("guard_set", keys, args) == 1:
+                return result
+            await asyncio.sleep(0)  # another writer changed it first: read it again
+        raise BackendUnavailable(
+            f"redis: guard {key!r} kept changing under {_GUARD_ATTEMPTS} tries"
+        )
+
+    @_hook
+    async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
+        reply = await self._redis.hmget(self._guard_keys(tenant, key)[0], ["v", "e"])
+        stored, expires = cast("list[str | None]", reply)
+        if stored is None or rules.is_expired(_float(expires or None), now):
+            return None
+        return stored
+
+    @_hook
+    async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        index = self._guard_keys(tenant, "")[1]
+        members = cast(
+            "list[str]",
+            await self._redis.zrangebylex(index, f"[{prefix}", f"[{prefix}\U0010ffff"),
+        )
+        values = await self._run(
+            lambda pipe: [pipe.hmget(self._guard_keys(tenant, m)[0], ["v", "e"]) for m in members]
+        )
+        found = []
+        for member, (stored, expires) in zip(members, values, strict=True):
+            expires_at = _float(expires or None)
+            if stored is not None and not rules.is_expired(expires_at, now):
+                found.append(GuardRecord(member, stored, expires_at))
+        return found
+
+    @_hook
+    async def rate_hit(
+        self, tenant: str, key: str, limit: int, window: float, cost: int, now: float
+    ) -> tuple[bool, int, float, float]:
+        log = f"{self._tenant(tenant).tag}:log:{key}"
+        reply = await self._eval(
+            "rate_hit", [log], [str(limit), repr(window), str(cost), repr(now)]
+        )
+        admitted, count, retry_after, reset_after = cast("str", reply).split()
+        return admitted == "1", int(count), float(retry_after), float(reset_after)
 
 
 def _version(expected_version: int | None) -> str:

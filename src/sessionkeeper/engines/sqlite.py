@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import rules
 from ..errors import (
@@ -32,6 +32,8 @@ from ..errors import (
 from ..models import (
     Change,
     FolderRecord,
+    GuardRecord,
+    GuardUpdate,
     MessageDraft,
     MessageRecord,
     OwnerCount,
@@ -40,11 +42,9 @@ from ..models import (
     Stats,
 )
 from ..settings import Settings
-from .base import Engine
+from .base import Engine, T
 
 __all__ = ["SCHEMA_VERSION", "SQLiteEngine", "list_sql"]
-
-T = TypeVar("T")
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -101,6 +101,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (tenant, id)
         )""",
         "CREATE UNIQUE INDEX folders_by_name ON folders (tenant, ifnull(owner, ''), name)",
+    ),
+    2: (
+        """CREATE TABLE guards (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            expires_at REAL,
+            PRIMARY KEY (tenant, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX guards_by_expiry ON guards (expires_at) WHERE expires_at IS NOT NULL",
     ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
@@ -748,6 +758,34 @@ class SQLiteEngine(Engine):
         finally:
             partial_path.unlink(missing_ok=True)
 
+    # --- guards ------------------------------------------------------------------------
+
+    async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
+        return await self._write(partial(_w_update_guard, tenant, key, update, now))
+
+    async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT value FROM guards WHERE tenant = ? AND key = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (tenant, key, now),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(run)
+
+    async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        def run(conn: sqlite3.Connection) -> list[GuardRecord]:
+            rows = conn.execute(
+                "SELECT key, value, expires_at FROM guards WHERE tenant = ? "
+                "AND substr(key, 1, ?) = ? AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY key",
+                (tenant, len(prefix), prefix, now),
+            )
+            return [GuardRecord(*row) for row in rows]
+
+        return await self._read(run)
+
 
 # --- jobs: each runs on a worker thread with that worker's connection -------------------
 # Writers run inside the writer's transaction; readers in autocommit (a reader that needs
@@ -1033,6 +1071,15 @@ def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connectio
             (now, tenant, limit),
         ).fetchall()
     _drop_sessions(conn, pks)
+    # Expired guards go too (they are absent already); only sessions are counted.
+    scope, params = (
+        ("", (now, limit)) if tenant is None else (" AND tenant = ?", (now, tenant, limit))
+    )
+    conn.execute(
+        "DELETE FROM guards WHERE (tenant, key) IN "
+        f"(SELECT tenant, key FROM guards WHERE expires_at <= ?{scope} LIMIT ?)",
+        params,
+    )
     return len(pks)
 
 
@@ -1119,3 +1166,23 @@ def _w_load_folder(record: FolderRecord, replace: bool, conn: sqlite3.Connection
         (r.tenant, r.id, r.owner, r.name, r.created_at),
     )
     return True
+
+
+def _w_update_guard(
+    tenant: str, key: str, update: GuardUpdate[T], now: float, conn: sqlite3.Connection
+) -> T:
+    row = conn.execute(
+        "SELECT value, expires_at FROM guards WHERE tenant = ? AND key = ?", (tenant, key)
+    ).fetchone()
+    current = None if row is None or rules.is_expired(row[1], now) else row[0]
+    value, expires_at, result = update(current)
+    if value is None:
+        if row is not None:
+            conn.execute("DELETE FROM guards WHERE tenant = ? AND key = ?", (tenant, key))
+    else:
+        conn.execute(
+            "INSERT INTO guards VALUES (?, ?, ?, ?) ON CONFLICT (tenant, key) DO UPDATE SET "
+            "value = excluded.value, expires_at = excluded.expires_at",
+            (tenant, key, value, expires_at),
+        )
+    return result
