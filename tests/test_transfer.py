@@ -689,3 +689,24 @@ async def test_export_session_names_a_bad_id_and_a_missing_session(store: Sessio
     assert caught.value.field == "session_id"
     with pytest.raises(NotFound, match="no session 'missing'"):
         await store.export_session("missing")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+async def test_a_damaged_or_cut_compressed_file_is_bad_input_after_what_was_whole(
+    store: SessionStore, target: SessionStore, tmp_path: Path, suffix: str
+) -> None:
+    await sample(store, 400)
+    whole = tmp_path / f"whole{suffix}"
+    await export_store(store, whole)
+    data = whole.read_bytes()
+    (tmp_path / f"garbage{suffix}").write_bytes(b"garbage" * 100)
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InvalidInput) as caught:
+        await import_file(target, tmp_path / f"garbage{suffix}")
+    assert str(caught.value).startswith("line 1: ")
+    with pytest.raises(InvalidInput):  # the decompressor's error, or the cut last line
+        await import_file(target, tmp_path / f"cut{suffix}")
+    landed = (await target.list_sessions(limit=400)).items
+    assert 0 < len(landed) < 400
+    for session in landed:
+        assert await target.export_session(session.id) == await store.export_session(session.id)

@@ -573,7 +573,10 @@ async def import_file(
     try:
         with _reader(source) as (lines, raw):
             size = os.fstat(raw.fileno()).st_size
-            for number, text in enumerate(lines, 1):
+            for number, text in enumerate(_readable(lines), 1):
+                if isinstance(text, Exception):  # the decompressor could not go on
+                    await run.settle(await run.window.drain())
+                    raise InvalidInput(f"line {number}", f"the file is damaged or cut off: {text}")
                 if number % 256 == 0:
                     tell(raw.tell(), size)
                 await run.line(number, text)
@@ -583,6 +586,15 @@ async def import_file(
     tell(size, size)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _readable(lines: IO[bytes]) -> Iterator[bytes | Exception]:
+    """The lines, then the error that stopped the decompressor (gzip's EOFError or
+    BadGzipFile, zstd's ZstdError), if one did."""
+    try:
+        yield from lines
+    except Exception as exc:  # each compressor has errors of its own
+        yield exc
 
 
 class _Import:
@@ -712,7 +724,7 @@ class _Import:
     async def finish(self) -> None:
         await self.settle(await self.window.drain())
         if self.lines == 0:
-            raise InvalidInput("path", "the file is empty: not an export")
+            raise InvalidInput("path", "holds no lines: not an export, or cut off")
         if not self.ended:
             cut = InvalidInput("end", "the file ends without its end line: it was cut off")
             await self.fail(self.lines + 1, cut)
