@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis as SyncRedis
@@ -31,6 +32,7 @@ from sessionkeeper import (
     NotFound,
     SessionStore,
     Settings,
+    VersionConflict,
     open_store,
 )
 from sessionkeeper.engines.urls import engine_from_url
@@ -321,6 +323,83 @@ async def test_hot_operations_are_one_evalsha(server: Server) -> None:
             "EVALSHA",
             "EVALSHA",
         ]
+
+
+async def test_appends_and_reads_of_one_turn_share_one_evalsha(server: Server) -> None:
+    """On one server the calls of one event-loop turn go out as one script call, and each
+    still gets its own result: a missing session or a stale version fails alone, and two
+    appends to one session land one after the other."""
+    clock = FrozenClock()
+    async with _store(server.url(), clock) as store:
+        ids = [(await store.create_session(idle_ttl=60)).id for _ in range(6)]
+        for sid in ids:
+            await store.append_message(sid, "user", "first")
+        written: list[Any] = []
+
+        async def appends() -> None:
+            written[:] = await asyncio.gather(
+                *(store.append_message(sid, "user", "second", input_tokens=2) for sid in ids),
+                store.append_message("missing", "user", "x"),
+                store.append_message(ids[0], "user", "stale", expected_version=2),
+                store.append_messages(ids[1], [{"role": "user", "content": "third"}] * 2),
+                return_exceptions=True,
+            )
+
+        assert await sent_by_clients(server.port, appends) == ["EVALSHA"]
+        assert [m.seq for m in written[:6]] == [2] * 6
+        assert isinstance(written[6], NotFound)
+        assert isinstance(written[7], VersionConflict)
+        assert [m.seq for m in written[8]] == [3, 4]
+
+        clock.advance(30)
+        read: list[Any] = []
+
+        async def reads() -> None:
+            read[:] = await asyncio.gather(
+                *(store.last_messages(sid, 2) for sid in ids),
+                store.read_messages(ids[1], after_seq=1, limit=2),
+                store.last_messages("missing"),
+                return_exceptions=True,
+            )
+
+        assert await sent_by_clients(server.port, reads) == ["EVALSHA"]
+        assert [[m.seq for m in found] for found in read[:6]] == [[1, 2], [3, 4]] + [[1, 2]] * 4
+        assert [m.content for m in read[6]] == ["second", "third"]
+        assert isinstance(read[7], NotFound)
+        for sid in ids:  # every read renewed its session's idle expiry
+            session = await store.get_session(sid)
+            assert session.expires_at is not None
+            assert session.expires_at.timestamp() == clock.now() + 60
+            assert session.input_tokens == 2
+
+
+async def test_a_failing_call_of_a_turn_fails_alone(server: Server) -> None:
+    async with _store(server.url()) as store:
+        good = [(await store.create_session()).id for _ in range(3)]
+        bad = await store.create_session()
+        client = Redis(port=server.port)
+        try:  # what the script finds is not a sorted set: ZADD fails with WRONGTYPE
+            await client.set(_keys("sk:", bad.id)[2], "not a sorted set")
+        finally:
+            await client.aclose()
+        outcomes = await asyncio.gather(
+            store.append_message(good[0], "user", "a"),
+            store.append_message(bad.id, "user", "b"),
+            *(store.append_message(sid, "user", "c") for sid in good[1:]),
+            store.last_messages(bad.id),
+            store.last_messages(good[0]),
+            return_exceptions=True,
+        )
+        assert [type(o).__name__ for o in outcomes] == [
+            "Message",
+            "BackendUnavailable",
+            "Message",
+            "Message",
+            "BackendUnavailable",
+            "list",
+        ]
+        assert "WRONGTYPE" in str(outcomes[1])
+        assert (await store.get_session(bad.id)).message_count == 0
 
 
 # --- native TTL ------------------------------------------------------------------------

@@ -48,6 +48,11 @@ moved to another owner, folder or status), which cost a read and are then droppe
 Cluster, an index node that fails while a write's script succeeds leaves that entry out
 (the caller sees BackendUnavailable) and listings cannot see what is missing: the
 session's next change re-adds all of its entries.
+
+On one server the hot calls are batched: the appends that arrive in one event-loop turn
+go out as one EVALSHA, which applies them one after the other (each with its own checks
+and reply), and so do the message reads. A script may touch any key there; on Cluster,
+where the sessions of a turn live in different slots, each call has its own script.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ _log = logging.getLogger("sessionkeeper")
 _PREFIX = re.compile(r"[A-Za-z0-9_:.\-]{1,64}")
 _OPTIONS = ("prefix", "cluster", "fallback", "durable")
 _BATCH = 500  # index entries read, and metas fetched, per round trip
+# The most calls, and messages, one script call carries for a turn's appends or reads.
+_TURN_JOBS = 64
+_TURN_MESSAGES = 2000
 # Separators: between the fields of a stored message, and between messages in a reply.
 # JSON text never holds either raw, and the store allows no control characters in roles.
 _SEP = "\x1f"
@@ -295,103 +303,142 @@ return {record(m)}
 """
 )
 
-# ARGV: now, after_seq ('' for the newest), limit. Replies nil, or the stored messages
-# joined by \030 (one string: cheaper to parse than an array).
+# Reads of one or more sessions (all that arrived in one event-loop turn, on one server;
+# always one on Cluster). KEYS = the meta key of each job's session; ARGV, three per job:
+# now, after_seq ('' for the newest), limit. Replies one reply per job: nil, or the stored
+# messages joined by \030 (one string: cheaper to parse than an array).
 _MESSAGES = r"""
-local m = live(now, {'idle_ttl', 'deadline'})
-if not m then return false end
-touch(m, now)
-local found
-if ARGV[2] == '' then
-  found = redis.call('ZRANGE', MSGS, -tonumber(ARGV[3]), -1)
-else
-  found = redis.call('ZRANGE', MSGS, '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[3])
+local function read(after, limit)
+  local m = live(now, {'idle_ttl', 'deadline'})
+  if not m then return false end
+  touch(m, now)
+  local found
+  if after == '' then
+    found = redis.call('ZRANGE', MSGS, -tonumber(limit), -1)
+  else
+    found = redis.call('ZRANGE', MSGS, '(' .. after, '+inf', 'BYSCORE', 'LIMIT', 0, limit)
+  end
+  return table.concat(found, '\030')
 end
-return table.concat(found, '\030')
+
+local replies = {}
+for j = 1, #KEYS do
+  META = KEYS[j]
+  local base = string.sub(META, 1, -5)
+  STATE, MSGS = base .. 'state', base .. 'msgs'
+  now = tonumber(ARGV[3 * j - 2])
+  replies[j] = alone(read, ARGV[3 * j - 1], ARGV[3 * j])
+end
+return replies
 """
 
-# The hot path, packed so that redis-py has little to encode: KEYS = the meta key alone (the
-# script derives the session's other keys, all in its slot, and on one server the tenant's
-# by-updated key and the session id); ARGV[1] = now, expected version or '' and '1' to
-# update by-updated itself (one server) joined by \031, then per message its stored text
-# without the seq, whose leading tokens and cost the script reads. Numbers the messages
-# after last_seq, moves the aggregates (cost added one message at a time, as
+# The hot path: appends to one or more sessions (all that arrived in one event-loop turn,
+# on one server; always one on Cluster), packed so that redis-py has little to encode.
+# KEYS = the meta key of each job's session (the script derives the session's other keys,
+# all in its slot, and on one server the tenant's by-updated key and the session id). ARGV,
+# per job in KEYS order: now, expected version or '', '1' to update by-updated itself (one
+# server) and the job's message count, joined by \031; then per message its stored text
+# without the seq, whose leading tokens and cost the script reads. Each job numbers its
+# messages after last_seq, moves the aggregates (cost added one message at a time, as
 # rules.apply_append does), version and updated_at in one HSET, renews idle expiry and the
-# native TTL (when the expiry stays, only that of the msgs key this append created).
-# Replies last_seq before (an integer), {'missing'} or {'conflict', version, updated_at}.
-_APPEND_KEYS = r"""
-local META = KEYS[1]
-local BASE = string.sub(META, 1, -5)
-local STATE, MSGS = BASE .. 'state', BASE .. 'msgs'
+# native TTL (when the expiry stays, only that of the msgs key this append created); a
+# later job for the same session sees the earlier one's writes. Replies one reply per job:
+# last_seq before (an integer), {'missing'} or {'conflict', version, updated_at}.
+_TURN_KEYS = r"""
+local META, STATE, MSGS
 """
-_APPEND_NOW = r"""
-local NOW, EXPECTED, INDEXED = string.match(ARGV[1], '^([^\031]*)\031([^\031]*)\031(.*)$')
-local now = tonumber(NOW)
+_TURN_NOW = r"""
+local now
+
+-- One job of several: an error in it (a key of the wrong type under the prefix, say)
+-- becomes its reply, {'error', message}, and the jobs after it still run.
+local function alone(job, ...)
+  local ok, reply = pcall(job, ...)
+  if ok then return reply end
+  if type(reply) == 'table' and reply.err then reply = reply.err end
+  return {'error', tostring(reply)}
+end
 """
 _APPEND = r"""
-local m, why = writable(now, EXPECTED, {'idle_ttl', 'deadline', 'last_seq', 'cost',
-  'updated_at', 'message_count', 'input_tokens', 'output_tokens'})
-if not m then return why end
-local last = tonumber(m.last_seq)
-local cost = tonumber(m.cost)
-local tokens_in, tokens_out = tonumber(m.input_tokens), tonumber(m.output_tokens)
--- Token sums beyond what a double holds exactly go to HINCRBY, one message at a time.
-local exact = #m.input_tokens < 16 and #m.output_tokens < 16
-local n = #ARGV - 1
-local batch = {}
-for i = 1, n do
-  local text = ARGV[i + 1]
-  local a, b, c = string.match(text, '^(%d+)\031(%d+)\031([^\031]+)')
-  if #a > 15 or #b > 15 then exact = false end
-  tokens_in = tokens_in + tonumber(a)
-  tokens_out = tokens_out + tonumber(b)
-  cost = cost + tonumber(c)
-  batch[#batch + 1] = last + i
-  batch[#batch + 1] = int(last + i) .. '\031' .. text
-  if #batch >= 1000 or i == n then
-    redis.call('ZADD', MSGS, unpack(batch))
-    batch = {}
+local function append(NOW, EXPECTED, INDEXED, first, n)
+  local m, why = writable(now, EXPECTED, {'idle_ttl', 'deadline', 'last_seq', 'cost',
+    'updated_at', 'message_count', 'input_tokens', 'output_tokens'})
+  if not m then return why end
+  local last = tonumber(m.last_seq)
+  local cost = tonumber(m.cost)
+  local tokens_in, tokens_out = tonumber(m.input_tokens), tonumber(m.output_tokens)
+  -- Token sums beyond what a double holds exactly go to HINCRBY, one message at a time.
+  local exact = #m.input_tokens < 16 and #m.output_tokens < 16
+  local batch = {}
+  for i = 1, n do
+    local text = ARGV[first + i - 1]
+    local a, b, c = string.match(text, '^(%d+)\031(%d+)\031([^\031]+)')
+    if #a > 15 or #b > 15 then exact = false end
+    tokens_in = tokens_in + tonumber(a)
+    tokens_out = tokens_out + tonumber(b)
+    cost = cost + tonumber(c)
+    batch[#batch + 1] = last + i
+    batch[#batch + 1] = int(last + i) .. '\031' .. text
+    if #batch >= 1000 or i == n then
+      redis.call('ZADD', MSGS, unpack(batch))
+      batch = {}
+    end
   end
-end
-if tokens_in >= 2^52 or tokens_out >= 2^52 then exact = false end
-local old = tonumber(m.expires_at)
-local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
-local set = {'version', int(tonumber(m.version) + 1), 'updated_at', NOW,
-  'last_seq', int(last + n), 'cost', num(cost), 'message_count', int(tonumber(m.message_count) + n)}
-if exact then
-  set[#set + 1] = 'input_tokens'
-  set[#set + 1] = int(tokens_in)
-  set[#set + 1] = 'output_tokens'
-  set[#set + 1] = int(tokens_out)
-end
-if expires ~= old then
-  set[#set + 1] = 'expires_at'
-  set[#set + 1] = num(expires)
-end
-redis.call('HSET', META, unpack(set))
-if not exact then
-  for i = 2, #ARGV do
-    local a, b = string.match(ARGV[i], '^(%d+)\031(%d+)\031')
-    redis.call('HINCRBY', META, 'input_tokens', a)
-    redis.call('HINCRBY', META, 'output_tokens', b)
+  if tokens_in >= 2^52 or tokens_out >= 2^52 then exact = false end
+  local old = tonumber(m.expires_at)
+  local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
+  local set = {'version', int(tonumber(m.version) + 1), 'updated_at', NOW, 'last_seq',
+    int(last + n), 'cost', num(cost), 'message_count', int(tonumber(m.message_count) + n)}
+  if exact then
+    set[#set + 1] = 'input_tokens'
+    set[#set + 1] = int(tokens_in)
+    set[#set + 1] = 'output_tokens'
+    set[#set + 1] = int(tokens_out)
   end
-end
-if expires ~= old then
-  expire_at(expires)
-elseif expires and tonumber(m.message_count) == 0 then
-  -- META and STATE carry the expiry already, and so does MSGS if it held messages; an
-  -- empty history has no MSGS key, which this append just created.
-  local ms = math.ceil(expires * 1000)
-  local t = redis.call('TIME')
-  if ms > t[1] * 1000 + math.floor(t[2] / 1000) then
-    redis.call('PEXPIREAT', MSGS, string.format('%.0f', ms))
+  if expires ~= old then
+    set[#set + 1] = 'expires_at'
+    set[#set + 1] = num(expires)
   end
+  redis.call('HSET', META, unpack(set))
+  if not exact then
+    for i = first, first + n - 1 do
+      local a, b = string.match(ARGV[i], '^(%d+)\031(%d+)\031')
+      redis.call('HINCRBY', META, 'input_tokens', a)
+      redis.call('HINCRBY', META, 'output_tokens', b)
+    end
+  end
+  if expires ~= old then
+    expire_at(expires)
+  elseif expires and tonumber(m.message_count) == 0 then
+    -- META and STATE carry the expiry already, and so does MSGS if it held messages; an
+    -- empty history has no MSGS key, which this append just created.
+    local ms = math.ceil(expires * 1000)
+    local t = redis.call('TIME')
+    if ms > t[1] * 1000 + math.floor(t[2] / 1000) then
+      redis.call('PEXPIREAT', MSGS, string.format('%.0f', ms))
+    end
+  end
+  if INDEXED == '1' then
+    local tag = string.match(META, '^([^{]*{[^/]*)/')
+    redis.call('ZADD', tag .. '}:by-updated', 'XX', NOW, string.match(META, '/([^/]*)}:meta$'))
+  end
+  return last
 end
-if INDEXED == '1' then
-  local tag = string.match(META, '^([^{]*{[^/]*)/')
-  redis.call('ZADD', tag .. '}:by-updated', 'XX', NOW, string.match(META, '/([^/]*)}:meta$'))
+
+local replies = {}
+local at = 1
+for j = 1, #KEYS do
+  META = KEYS[j]
+  local base = string.sub(META, 1, -5)
+  STATE, MSGS = base .. 'state', base .. 'msgs'
+  local NOW, EXPECTED, INDEXED, COUNT =
+    string.match(ARGV[at], '^([^\031]*)\031([^\031]*)\031([^\031]*)\031(.*)$')
+  now = tonumber(NOW)
+  local n = tonumber(COUNT)
+  replies[j] = alone(append, NOW, EXPECTED, INDEXED, at + 1, n)
+  at = at + 1 + n
 end
-return last
+return replies
 """
 
 # ARGV: now, expected version or ''. Replies {'ok', fields, popped or nil}; on an empty
@@ -707,9 +754,11 @@ assert _SESSION_NOW in _SESSION
 _SCRIPTS = {
     "insert": _Script.of(_SESSION, _INSERT),
     "get": _Script.of(_SESSION, _GET),
-    "messages": _Script.of(_SESSION, _MESSAGES),
+    "messages": _Script.of(
+        _SESSION.replace(_SESSION_KEYS, _TURN_KEYS).replace(_SESSION_NOW, _TURN_NOW), _MESSAGES
+    ),
     "append": _Script.of(
-        _SESSION.replace(_SESSION_KEYS, _APPEND_KEYS).replace(_SESSION_NOW, _APPEND_NOW), _APPEND
+        _SESSION.replace(_SESSION_KEYS, _TURN_KEYS).replace(_SESSION_NOW, _TURN_NOW), _APPEND
     ),
     "pop": _Script.of(_SESSION, _POP),
     "clear": _Script.of(_SESSION, _CLEAR),
@@ -1003,28 +1052,93 @@ def _hook(
         if self._fallback is not None:
             result: T = await getattr(self._fallback, name)(*args, **kwargs)
             return result
-        if self._forked:
-            raise BackendUnavailable(
-                "this Redis store was opened before fork(); open a new one in the child"
-            )
-        if self._client is None:
-            raise BackendUnavailable("the Redis engine is closed")
+        self._check_usable()
         try:
             async with self._slots:
                 return await method(self, *args, **kwargs)
         except _DRIVER_ERRORS as exc:
-            raise BackendUnavailable(f"redis at {self._options.where}: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     return hook
+
+
+class _Job:
+    """A call waiting for its turn's script: ``future`` gets the script's reply for it.
+    ``args`` are its ARGV, ``size`` how many messages it writes or reads at most."""
+
+    __slots__ = ("args", "future", "meta", "size")
+
+    def __init__(self, meta: str, args: list[str], size: int) -> None:
+        self.meta = meta
+        self.args = args
+        self.size = size
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(self, reply: object) -> None:
+        if not self.future.done():  # its caller may have been cancelled
+            self.future.set_result(reply)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _Turns:
+    """Calls that arrive within one event-loop turn, run together by one script call.
+
+    The first call of a turn starts a task; its first step runs in the next turn, after
+    every task woken in this one has queued its call, and runs what it finds at once, then
+    whatever arrived meanwhile, until nothing waits. At most ``limit`` such tasks run at
+    once. ``run`` settles or fails every job it is given, and never raises.
+    """
+
+    __slots__ = ("_limit", "_pending", "_run", "_runners", "_tasks")
+
+    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]], limit: int) -> None:
+        self._run = run
+        self._limit = limit
+        self._pending: list[_Job] = []
+        self._runners = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references
+
+    def add(self, job: _Job) -> None:
+        self._pending.append(job)
+        if len(self._pending) == 1 and self._runners < self._limit:
+            self._runners += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[_Job]:
+        """The oldest waiting jobs, within _TURN_JOBS and _TURN_MESSAGES."""
+        pending = self._pending
+        end, size = 0, 0
+        while end < len(pending) and end < _TURN_JOBS:
+            size += pending[end].size
+            if end and size > _TURN_MESSAGES:
+                break
+            end += 1
+        jobs = pending[:end]
+        del pending[:end]
+        return jobs
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._run(self._take())
+        finally:
+            self._runners -= 1
 
 
 class RedisEngine(Engine):
     """Sessions in Redis or Redis Cluster: one script per session write, sorted-set indexes."""
 
     __slots__ = (
+        "_appends",
         "_client",
         "_fallback",
         "_options",
+        "_reads",
         "_slots",
         "settings",
     )
@@ -1038,6 +1152,10 @@ class RedisEngine(Engine):
         # At most pool_size operations at once, so no node is asked for more connections
         # (a pipeline to several nodes takes one connection on each).
         self._slots = asyncio.Semaphore(settings.pool_size)
+        # On one server, the appends of one event-loop turn share one script call, and so
+        # do its message reads.
+        self._appends = _Turns(functools.partial(self._run_turn, "append"), settings.pool_size)
+        self._reads = _Turns(functools.partial(self._run_turn, "messages"), settings.pool_size)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -1140,10 +1258,24 @@ class RedisEngine(Engine):
                     config.get("appendfsync"),
                 )
 
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise BackendUnavailable(
+                "this Redis store was opened before fork(); open a new one in the child"
+            )
+        if self._client is None:
+            raise BackendUnavailable("the Redis engine is closed")
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"redis at {self._options.where}: {exc}")
+
     @property
     def _redis(self) -> Redis | RedisCluster:
         assert self._client is not None  # _hook checked it
         return self._client
+
+    def _meta(self, tenant: str, session_id: str) -> str:
+        return f"{self._options.prefix}{{{tenant}/{session_id}}}:meta"
 
     def _session_keys(self, tenant: str, session_id: str) -> list[str]:
         tag = f"{self._options.prefix}{{{tenant}/{session_id}}}"
@@ -1319,8 +1451,9 @@ class RedisEngine(Engine):
             pipe.zrem(key, session_id)
         pipe.hdel(t.entries, session_id)
 
-    @staticmethod
-    def _raise_for(reply: list[Any], session_id: str, expected_version: int | None) -> None:
+    def _raise_for(self, reply: list[Any], session_id: str, expected_version: int | None) -> None:
+        if reply[0] == "error":  # a job of a turn's script failed on its own
+            raise BackendUnavailable(f"redis at {self._options.where}: {reply[1]}")
         if reply[0] == "missing":
             raise NotFound(f"no session {session_id!r}")
         if reply[0] == "conflict":
@@ -1395,7 +1528,6 @@ class RedisEngine(Engine):
 
     # --- messages ----------------------------------------------------------------------
 
-    @_hook
     async def append_messages(
         self,
         tenant: str,
@@ -1404,56 +1536,116 @@ class RedisEngine(Engine):
         now: float,
         expected_version: int | None,
     ) -> list[MessageRecord]:
+        if self._fallback is not None:
+            return await self._fallback.append_messages(
+                tenant, session_id, messages, now, expected_version
+            )
+        self._check_usable()
         cluster = self._options.cluster
         # On one server the script updates by-updated itself; on Cluster that goes to the
         # tenant's node beside it (XX: harmless if the write fails; see _restore_updated).
-        head = f"{now!r}{_SEP}{_version(expected_version)}{_SEP}{'0' if cluster else '1'}"
-        args = [
+        head = _SEP.join(
+            (repr(now), _version(expected_version), "0" if cluster else "1", str(len(messages)))
+        )
+        texts = [
             _stored(d.role, d.content, d.input_tokens, d.output_tokens, d.cost, d.metadata, now)
             for d in messages
         ]
-        meta = f"{self._options.prefix}{{{tenant}/{session_id}}}:meta"
-        sha = _SCRIPTS["append"].sha
+        job = _Job(self._meta(tenant, session_id), [head, *texts], len(texts))
         if cluster:
-            updated = self._tenant(tenant).updated
-
-            def queue(pipe: _Pipe) -> None:
-                pipe.execute_command("EVALSHA", sha, 1, meta, head, *args)
-                pipe.zadd(updated, {session_id: now}, xx=True)
-
-            reply = (await self._run(queue))[0]
+            reply = await self._append_on_cluster(tenant, session_id, now, job)
         else:
-            client = self._redis
-            try:
-                reply = await client.execute_command("EVALSHA", sha, 1, meta, head, *args)
-            except NoScriptError:
-                await self._load_scripts()
-                reply = await client.execute_command("EVALSHA", sha, 1, meta, head, *args)
+            # Waits for its turn's script without holding a connection slot: the script's
+            # task takes one.
+            self._appends.add(job)
+            reply = await job.future
         if not isinstance(reply, int):
-            if reply[0] == "conflict":
-                await self._restore_updated(tenant, session_id, now, reply[2])
             self._raise_for(reply, session_id, expected_version)
         return rules.number_messages(session_id, reply, messages, now)
+
+    @_hook
+    async def _append_on_cluster(self, tenant: str, session_id: str, now: float, job: _Job) -> Any:
+        """One append, its script beside the by-updated entry on the tenant's node."""
+        updated = self._tenant(tenant).updated
+        sha = _SCRIPTS["append"].sha
+
+        def queue(pipe: _Pipe) -> None:
+            pipe.execute_command("EVALSHA", sha, 1, job.meta, *job.args)
+            pipe.zadd(updated, {session_id: now}, xx=True)
+
+        [reply] = (await self._run(queue))[0]
+        if not isinstance(reply, int) and reply[0] == "conflict":
+            await self._restore_updated(tenant, session_id, now, reply[2])
+        return reply
+
+    async def _run_turn(self, script: str, jobs: list[_Job]) -> None:
+        """One call of ``script`` for the jobs of a turn (on one server): one reply each."""
+        keys = [job.meta for job in jobs]
+        args: list[str] = []
+        for job in jobs:
+            args += job.args
+        command: tuple[str | int, ...] = (
+            "EVALSHA",
+            _SCRIPTS[script].sha,
+            len(keys),
+            *keys,
+            *args,
+        )
+        try:
+            async with self._slots:
+                client = self._redis
+                try:
+                    replies = await client.execute_command(*command)
+                except NoScriptError:
+                    await self._load_scripts()
+                    replies = await client.execute_command(*command)
+        except _DRIVER_ERRORS as exc:
+            for job in jobs:
+                error = self._unavailable(exc)
+                error.__cause__ = exc
+                job.fail(error)
+        except BaseException as exc:
+            for job in jobs:
+                job.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for job, reply in zip(jobs, replies, strict=True):
+                job.settle(reply)
 
     async def _messages(
         self, tenant: str, session_id: str, now: float, after: str, limit: int
     ) -> list[MessageRecord] | None:
-        keys = self._session_keys(tenant, session_id)
-        found = await self._eval("messages", keys, [repr(now), after, str(limit)])
+        job = _Job(self._meta(tenant, session_id), [repr(now), after, str(limit)], limit)
+        if self._options.cluster:
+            [found] = await self._read_on_cluster(job)
+        else:
+            self._reads.add(job)  # as an append: no connection slot held while it waits
+            found = await job.future
         if found is None:
             return None
+        if isinstance(found, list):
+            self._raise_for(found, session_id, None)
         return [_message(session_id, m) for m in found.split(_RS)] if found else []
 
     @_hook
+    async def _read_on_cluster(self, job: _Job) -> Any:
+        return await self._eval("messages", [job.meta], job.args)
+
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
+        if self._fallback is not None:
+            return await self._fallback.read_messages(tenant, session_id, now, after_seq, limit)
+        self._check_usable()
         return await self._messages(tenant, session_id, now, str(after_seq), limit)
 
-    @_hook
     async def last_messages(
         self, tenant: str, session_id: str, now: float, limit: int
     ) -> list[MessageRecord] | None:
+        if self._fallback is not None:
+            return await self._fallback.last_messages(tenant, session_id, now, limit)
+        self._check_usable()
         return await self._messages(tenant, session_id, now, "", limit)
 
     async def _trim(
