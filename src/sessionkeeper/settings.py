@@ -115,6 +115,27 @@ class Settings(BaseSettings):
         None, gt=0, description="Cost one session may use per period"
     )
 
+    # --- the HTTP service ---
+
+    http_max_body_bytes: int = Field(
+        4_194_304, gt=0, description="Largest request body the HTTP service reads, in bytes"
+    )
+    http_rate_limit: int | None = Field(
+        None, gt=0, description="Requests one API key may make per minute (None: no limit)"
+    )
+    http_require_if_match: bool = Field(
+        False, description="Writes to an existing session must send If-Match (else 428)"
+    )
+    http_auth_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long a server trusts a key check or a client's lockout status it "
+        "read (0: read both on every request)",
+    )
+    http_access_log: bool = Field(
+        True, description="Log one JSON line per request on stderr (never keys or bodies)"
+    )
+
     @property
     def budgets_enforced(self) -> bool:
         """Whether appends check budgets: asked for, or some budget is set."""
