@@ -131,6 +131,7 @@ _SEQ = re.compile(rb'\A\{"seq":(\d+),')
 _ROOT_ENTRIES = frozenset({MARKER, "tenants", "locks", "tmp", "quarantine"})
 _CLOEXEC = os.O_CLOEXEC
 _NO_LOG = -1  # passed for a log descriptor: the session has no log file
+_READ_BATCH = 64  # most reads one thread takes in one go
 
 
 class _Damaged(Exception):
@@ -615,6 +616,14 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _settle_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        _settle(future, ok, value)
+
+
+_Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
 # --- the engine ------------------------------------------------------------------------
 
 
@@ -628,6 +637,7 @@ class FilesEngine(Engine):
         "_logs",
         "_pending",
         "_pool",
+        "_reads",
         "_stripes",
         "_temp_names",
         "_tenant_dirs",
@@ -650,6 +660,8 @@ class FilesEngine(Engine):
         # appends waiting for the batch in flight of their session, per event loop
         self._appends: dict[tuple[asyncio.AbstractEventLoop, str, str], list[_AppendJob]] = {}
         self._pending: set[asyncio.Future[Any]] = set()
+        # reads asked for during the current turn of each event loop, handed over together
+        self._reads: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -769,6 +781,47 @@ class FilesEngine(Engine):
             value, ok = exc, False
         with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
             loop.call_soon_threadsafe(_settle, future, ok, value)
+
+    def _read(self, fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
+        """Like ``_call``, for a read: the reads of one turn of the event loop go to one
+        thread together and come back in one hop, so many small reads do not each pay for
+        a thread hand-over (appends and changes keep a thread each: they wait on fsync)."""
+        self._check_usable()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        batch = self._reads.get(loop)
+        if batch is None:
+            batch = self._reads[loop] = []
+            loop.call_soon(self._hand_over_reads, loop)
+        batch.append((fn, args, future))
+        return future
+
+    def _hand_over_reads(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._reads.pop(loop, [])
+        try:
+            pool = self._check_usable()
+        except BackendUnavailable as exc:
+            for _, _, future in batch:
+                _settle(future, False, exc)
+            return
+        for start in range(0, len(batch), _READ_BATCH):
+            done = loop.create_future()  # close() waits for it
+            self._pending.add(done)
+            done.add_done_callback(self._pending.discard)
+            pool.submit(self._work_reads, loop, batch[start : start + _READ_BATCH], done)
+
+    def _work_reads(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Call], done: asyncio.Future[None]
+    ) -> None:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        for fn, args, future in batch:
+            try:
+                results.append((future, True, self._guarded(fn, *args)))
+            except BaseException as exc:
+                results.append((future, False, exc))
+        results.append((done, True, None))
+        with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
+            loop.call_soon_threadsafe(_settle_all, results)
 
     def _guarded(self, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn``; quarantine what it found damaged and run it again; wrap OS errors."""
@@ -1827,7 +1880,7 @@ class FilesEngine(Engine):
             raise AlreadyExists(f"session {record.id!r} already exists")
 
     async def get_session(self, tenant: str, session_id: str, now: float) -> SessionRecord | None:
-        return await self._call(self._s_get, tenant, session_id, now)
+        return await self._read(self._s_get, tenant, session_id, now)
 
     async def delete_session(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
@@ -1867,13 +1920,16 @@ class FilesEngine(Engine):
     ) -> None:
         """Append ``jobs`` on a thread; the results come back in one hop, which also starts
         the batch of the appends that queued meanwhile (group commit)."""
-        for job in jobs:
-            self._pending.add(job.future)
-            job.future.add_done_callback(self._pending.discard)
-        pool.submit(self._append_work, key, jobs)
+        done = key[0].create_future()  # close() waits for it
+        self._pending.add(done)
+        done.add_done_callback(self._pending.discard)
+        pool.submit(self._append_work, key, jobs, done)
 
     def _append_work(
-        self, key: tuple[asyncio.AbstractEventLoop, str, str], jobs: list[_AppendJob]
+        self,
+        key: tuple[asyncio.AbstractEventLoop, str, str],
+        jobs: list[_AppendJob],
+        done: asyncio.Future[None],
     ) -> None:
         loop, tenant, session_id = key
         try:
@@ -1881,36 +1937,39 @@ class FilesEngine(Engine):
         except BaseException as exc:
             results = [(False, exc)] * len(jobs)
         with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
-            loop.call_soon_threadsafe(self._batch_done, key, jobs, results)
+            loop.call_soon_threadsafe(self._batch_done, key, jobs, results, done)
 
     def _batch_done(
         self,
         key: tuple[asyncio.AbstractEventLoop, str, str],
         jobs: list[_AppendJob],
         results: list[tuple[bool, Any]],
+        done: asyncio.Future[None],
     ) -> None:
         for job, (ok, value) in zip(jobs, results, strict=True):
             _settle(job.future, ok, value)
         queued = self._appends.pop(key, [])
-        if queued:
-            try:
+        try:
+            if queued:
                 pool = self._check_usable()
-            except BackendUnavailable as exc:
-                for job in queued:
-                    _settle(job.future, False, exc)
-                return
-            self._appends[key] = []
-            self._start_batch(pool, key, queued)
+                self._appends[key] = []
+                self._start_batch(pool, key, queued)
+        except BackendUnavailable as exc:
+            self._appends.pop(key, None)
+            for job in queued:
+                _settle(job.future, False, exc)
+        finally:
+            done.set_result(None)  # after the next batch is under way: close() sees it
 
     async def read_messages(
         self, tenant: str, session_id: str, now: float, after_seq: int, limit: int
     ) -> list[MessageRecord] | None:
-        return await self._call(self._s_read, tenant, session_id, now, after_seq, limit)
+        return await self._read(self._s_read, tenant, session_id, now, after_seq, limit)
 
     async def last_messages(
         self, tenant: str, session_id: str, now: float, limit: int
     ) -> list[MessageRecord] | None:
-        return await self._call(self._s_last, tenant, session_id, now, limit)
+        return await self._read(self._s_last, tenant, session_id, now, limit)
 
     async def pop_message(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
