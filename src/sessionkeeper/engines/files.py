@@ -314,15 +314,9 @@ class _Stripes:
                     fd = self._fds[stripe] = os.open(path, flags, 0o644)
         return fd
 
-    @contextlib.contextmanager
-    def hold(self, stripe: int, exclusive: bool) -> Iterator[None]:
-        with self._mutexes[stripe]:
-            fd = self._fd(stripe)
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+    def hold(self, stripe: int, exclusive: bool) -> _Held:
+        """The stripe, held (``with``) exclusively or shared until the block ends."""
+        return _Held(self._mutexes[stripe], self._fd(stripe), exclusive)
 
     def busy(self, stripe: int) -> bool:
         return self._mutexes[stripe].locked()
@@ -342,6 +336,31 @@ class _Stripes:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+
+
+class _Held:
+    """A stripe held: its mutex, then its flock (released in the other order)."""
+
+    __slots__ = ("_exclusive", "_fd", "_mutex")
+
+    def __init__(self, mutex: threading.Lock, fd: int, exclusive: bool) -> None:
+        self._mutex = mutex
+        self._fd = fd
+        self._exclusive = exclusive
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if self._exclusive else fcntl.LOCK_SH)
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
 
 
 # --- on-disk shapes --------------------------------------------------------------------
