@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,10 +44,10 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import legacy, transfer
+from . import keys, legacy, transfer
 from .errors import InvalidInput, SessionKeeperError
 from .models import UNSET, Message, Page, Session, SessionSummary, Stats, Status
-from .settings import DEFAULT_URL
+from .settings import DEFAULT_URL, Settings
 from .store import OrderBy, open_store
 from .sync import SyncSessionStore, open_store_sync
 from .transfer import Progress
@@ -114,9 +115,11 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _command(name: str | None = None) -> Callable[[Callable[P, None]], Callable[P, None]]:
-    """Register a command whose sessionkeeper errors become one line on stderr and an
-    exit code, never a traceback."""
+def _command(
+    name: str | None = None, group: typer.Typer = app
+) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    """Register a command (in ``group``) whose sessionkeeper errors become one line on
+    stderr and an exit code, never a traceback."""
 
     def register(command: Callable[P, None]) -> Callable[P, None]:
         @functools.wraps(command)
@@ -132,7 +135,7 @@ def _command(name: str | None = None) -> Callable[[Callable[P, None]], Callable[
                 setting = "_".join(str(part) for part in error["loc"]).upper()
                 raise _fail(f"SESSIONKEEPER_{setting}: {error['msg']}", EXIT_INVALID) from None
 
-        app.command(name)(run)
+        group.command(name)(run)
         return run
 
     return register
@@ -661,3 +664,107 @@ def import_legacy_command(
 
     report = asyncio.run(run())
     _finish("import-legacy", report.to_dict(), as_json, EXIT_INVALID if report.skipped else 0)
+
+
+# --- the HTTP service: serve, keys -----------------------------------------------------
+
+keys_app = typer.Typer(name="keys", help="API keys of the HTTP service.", no_args_is_help=True)
+app.add_typer(keys_app)
+
+
+def _settings(target: _Target) -> Settings:
+    """The settings of the environment, with --url and --tenant if given."""
+    given = {"url": target.url, "tenant": target.tenant}
+    return Settings().model_copy(update={k: v for k, v in given.items() if v is not None})
+
+
+@_command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+) -> None:
+    """Run the HTTP API over the store (OpenAPI docs at /docs).
+
+    On a new store it first makes an admin key and prints it, this once.
+    """
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise _fail(f"{exc.name} is missing: pip install 'sessionkeeper[server]'", 1) from None
+    settings = _settings(ctx.obj)
+
+    async def bootstrap() -> str | None:
+        async with open_store(settings=settings) as store:
+            return await keys.bootstrap_admin(store)
+
+    token = asyncio.run(bootstrap())
+    url = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
+    typer.echo(f"sessionkeeper: serving {settings.url} at {url} (API docs: {url}/docs)")
+    if token is not None:
+        typer.echo(f"admin key of tenant {settings.tenant!r}, shown this once:\n{token}")
+        typer.echo(f'try it: curl -H "Authorization: Bearer {token}" {url}/v1/me')
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uvicorn.run(create_app(settings=settings), host=host, port=port, access_log=False)
+
+
+def _key_table(found: list[keys.ApiKey]) -> Table:
+    table = _table("=id", "tenant", "=role", "name", "=created", "=revoked")
+    for k in found:
+        fields = (k.id, k.tenant, k.role, k.name, k.created_at, k.revoked_at)
+        table.add_row(*map(_text, fields))
+    return table
+
+
+@_command("create", group=keys_app)
+def keys_create(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Option(help="tenant (its tenant only) or admin (any)")] = "tenant",
+    name: Annotated[str, typer.Option(help="What the key is for")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Make an API key for --tenant and print its token, this once."""
+    settings = _settings(ctx.obj)
+
+    async def run() -> tuple[keys.ApiKey, str]:
+        async with open_store(settings=settings) as store:
+            return await keys.create_key(store, tenant=store.tenant, role=role, name=name)
+
+    key, token = asyncio.run(run())
+    data = {**key.model_dump(mode="json"), "token": token}
+    shown = f"{key.role} key {key.id} of tenant {key.tenant!r}, shown this once:\n{token}"
+    _emit(data, as_json, lambda _: Text(shown))
+
+
+@_command("list", group=keys_app)
+def keys_list(
+    ctx: typer.Context,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants", help="Every tenant's")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the API keys of --tenant (revoked ones too), never their secrets."""
+    settings = _settings(ctx.obj)
+
+    async def run() -> list[keys.ApiKey]:
+        async with open_store(settings=settings) as store:
+            return await keys.list_keys(store, tenant=None if all_tenants else store.tenant)
+
+    _emit(asyncio.run(run()), as_json, _key_table)
+
+
+@_command("revoke", group=keys_app)
+def keys_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="The 16 hex digits after sk_ in the token")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke an API key: it stops working at once, on every server."""
+    settings = _settings(ctx.obj)
+
+    async def run() -> keys.ApiKey:
+        async with open_store(settings=settings) as store:
+            return await keys.revoke_key(store, key_id)
+
+    _emit(asyncio.run(run()), as_json, lambda k: _key_table([k]))
