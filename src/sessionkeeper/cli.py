@@ -46,7 +46,17 @@ from rich.text import Text
 
 from . import keys, legacy, transfer
 from .errors import InvalidInput, SessionKeeperError
-from .models import UNSET, Message, Page, Session, SessionSummary, Stats, Status
+from .models import (
+    UNSET,
+    BudgetUsage,
+    LoginStatus,
+    Message,
+    Page,
+    Session,
+    SessionSummary,
+    Stats,
+    Status,
+)
 from .settings import DEFAULT_URL, Settings
 from .store import OrderBy, open_store
 from .sync import SyncSessionStore, open_store_sync
@@ -429,6 +439,82 @@ def purge(
     _emit(
         {"purged": purged}, as_json, lambda _: Text(f"purged {purged} expired sessions in {where}")
     )
+
+
+# --- guards: failed logins and budgets ---------------------------------------------------
+
+logins_app = typer.Typer(
+    name="logins",
+    help="Failed logins and lockouts, per client IP and account.",
+    no_args_is_help=True,
+)
+app.add_typer(logins_app)
+IpOption = Annotated[str | None, typer.Option(help="A client IP address")]
+AccountOption = Annotated[str | None, typer.Option(help="An account name")]
+
+
+def _logins_table(found: list[LoginStatus]) -> RenderableType:
+    if not found:
+        return Text("no failed logins on record")
+    table = _table("who", "failures", "in window", "locked for", "lockouts", "last failure")
+    for s in found:
+        locked = f"{s.retry_after:.0f} s" if s.locked else ""
+        last = "" if s.last_failure is None else s.last_failure.isoformat(timespec="seconds")
+        table.add_row(s.who, str(s.failures), str(s.recent_failures), locked, str(s.lockouts), last)
+    return table
+
+
+@_command("list", group=logins_app)
+def logins_list(
+    ctx: typer.Context,
+    locked: Annotated[bool, typer.Option("--locked", help="Only those locked out now")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the clients and accounts with failed logins, latest failure first."""
+    with _store(ctx) as store:
+        found = store.list_logins(locked_only=locked)
+    _emit(found, as_json, _logins_table)
+
+
+@_command("unlock", group=logins_app)
+def logins_unlock(
+    ctx: typer.Context,
+    ip: IpOption = None,
+    account: AccountOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Lift the lockout of a client IP or an account and forget its failures."""
+    with _store(ctx) as store:
+        cleared = store.unlock_login(ip=ip, account=account)
+    _emit({"cleared": cleared}, as_json, lambda _: Text(f"cleared {cleared} login records"))
+
+
+@_command()
+def usage(
+    ctx: typer.Context,
+    owner: Annotated[str | None, typer.Option(help="An owner")] = None,
+    session: Annotated[str | None, typer.Option(help="A session id")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the tokens and cost an owner or a session used this budget period."""
+    with _store(ctx) as store:
+        found = store.budget_usage(owner=owner, session_id=session)
+
+    def view(u: BudgetUsage) -> RenderableType:
+        def limit(value: float | None) -> str:
+            return "none" if value is None else f"{value:g}"
+
+        start = "" if u.period_start is None else u.period_start.date().isoformat()
+        return _fields(
+            [
+                ("scope", u.scope),
+                ("period", f"{u.period} {start}".strip()),
+                ("tokens", f"{u.input_tokens + u.output_tokens} of {limit(u.token_limit)}"),
+                ("cost", f"{u.cost:g} of {limit(u.cost_limit)}"),
+            ]
+        )
+
+    _emit(found, as_json, view)
 
 
 # --- transfer: export, import, migrate, verify, backup ----------------------------------
