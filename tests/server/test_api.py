@@ -575,6 +575,10 @@ async def test_docs_and_schema(app: FastAPI) -> None:
                 assert "HTTPValidationError" not in str(operation)
             if "requestBody" in operation:
                 assert {"400", "413", "415", "422"} <= codes, (method, path)
+            if path.startswith("/v1/sessions/{session_id}") and method != "get":
+                names = [p["name"] for p in operation["parameters"]]
+                assert "If-Match" in names, (method, path)
+                assert {"412", "428"} <= codes, (method, path)
 
 
 def test_create_app_refuses_a_rate_limit_over_the_maximum() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, TypeAdapter
 
@@ -18,6 +18,7 @@ __all__ = [
     "AUTH",
     "BODY",
     "ETAG_HEADER",
+    "IF_MATCH_DOC",
     "READ",
     "WRITE",
     "IfMatch",
@@ -67,17 +68,28 @@ def session_response(session: Session, status: int = 200) -> Response:
     return json_response(session, status, {"ETag": etag(session.version)})
 
 
-async def _if_match(
-    request: Request,
-    if_match: Annotated[
-        str | None,
-        Header(
-            description='The session\'s ETag ("7"): the write happens only at that version, '
-            "else 412 and nothing changes; `*` matches any version"
-        ),
-    ] = None,
-) -> int | None:
+_IF_MATCH_DESCRIPTION = (
+    'The session\'s ETag ("7"): the write happens only at that version, else 412 and '
+    "nothing changes; `*` matches any version"
+)
+#: ``openapi_extra`` of a route that reads If-Match (read from the request, not declared as
+#: a parameter: FastAPI's parameter parsing costs more than the header is worth)
+IF_MATCH_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "If-Match",
+            "in": "header",
+            "required": False,
+            "description": _IF_MATCH_DESCRIPTION,
+            "schema": {"type": "string"},
+        }
+    ]
+}
+
+
+async def _if_match(request: Request) -> int | None:
     """The version ``If-Match`` names, None for ``*`` or none (428 when required)."""
+    if_match = request.headers.get("if-match")
     if if_match is None:
         if service(request).settings.http_require_if_match:
             raise ProblemError(428, "this server requires If-Match on writes: send the ETag")
@@ -101,10 +113,8 @@ IfMatch = Annotated[int | None, Depends(_if_match)]
 def require_media_type(*types: str) -> Any:
     """A dependency refusing a body whose Content-Type is not one of ``types`` (415)."""
 
-    async def check(
-        content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
-    ) -> None:
-        given = (content_type or "").split(";", 1)[0].strip().lower()
+    async def check(request: Request) -> None:
+        given = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
         if given not in types:
             raise ProblemError(
                 415,

@@ -13,6 +13,7 @@ from ...models import UNSET, ChangeResult, Message, Page, Session, SessionSummar
 from ..auth import Tenant, service
 from ..http import (
     ETAG_HEADER,
+    IF_MATCH_DOC,
     READ,
     WRITE,
     IfMatch,
@@ -150,6 +151,7 @@ def _fields(body: SessionPatch) -> dict[str, Any]:
     response_model=Session,
     dependencies=[_JSON],
     responses={**_SESSION, **errors(*WRITE)},
+    openapi_extra=IF_MATCH_DOC,
     summary="Set fields of a session",
 )
 async def update_session(
@@ -164,6 +166,7 @@ async def update_session(
     status_code=204,
     response_class=Response,
     responses=errors(*READ, 400, 409, 412, 428),
+    openapi_extra=IF_MATCH_DOC,
     summary="Delete a session and its messages",
 )
 async def delete_session(store: Tenant, session_id: SessionId, version: IfMatch) -> Response:
@@ -176,6 +179,7 @@ async def delete_session(store: Tenant, session_id: SessionId, version: IfMatch)
     response_model=Session,
     dependencies=[_MERGE_PATCH],
     responses={**_SESSION, **errors(*WRITE)},
+    openapi_extra=IF_MATCH_DOC,
     summary="Merge a JSON Merge Patch (RFC 7396) into the state",
 )
 async def patch_state(
@@ -193,6 +197,7 @@ async def patch_state(
     response_model=Session,
     dependencies=[_JSON],
     responses={**_SESSION, **errors(*WRITE)},
+    openapi_extra=IF_MATCH_DOC,
     summary="Replace the state whole",
 )
 async def replace_state(
@@ -210,6 +215,7 @@ async def replace_state(
     response_model=ChangeResult,
     dependencies=[_JSON],
     responses={**_SESSION, **errors(*WRITE)},
+    openapi_extra=IF_MATCH_DOC,
     summary="One atomic change: state, fields and messages, all or nothing",
 )
 async def change_session(
@@ -237,6 +243,7 @@ async def change_session(
     response_model=list[Message],
     dependencies=[_JSON],
     responses=errors(*WRITE),
+    openapi_extra=IF_MATCH_DOC,
     summary="Append messages",
 )
 async def append_messages(
@@ -278,6 +285,7 @@ async def read_messages(
         204: {"description": "The session has no message"},
         **errors(*READ, 400, 409, 412, 428),
     },
+    openapi_extra=IF_MATCH_DOC,
     summary="Remove and return the newest message",
 )
 async def pop_message(store: Tenant, session_id: SessionId, version: IfMatch) -> Response:
@@ -291,6 +299,7 @@ async def pop_message(store: Tenant, session_id: SessionId, version: IfMatch) ->
     "/sessions/{session_id}/messages",
     response_model=Removed,
     responses=errors(*READ, 400, 409, 412, 428),
+    openapi_extra=IF_MATCH_DOC,
     summary="Remove every message (seqs are not reused)",
 )
 async def clear_messages(store: Tenant, session_id: SessionId, version: IfMatch) -> Removed:
