@@ -382,6 +382,11 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read(
         assert ok.status_code == 201
 
 
+async def test_a_content_length_that_is_no_number_is_400(alpha: httpx.AsyncClient) -> None:
+    headers = {**JSON, "content-length": "12x"}
+    problem(await alpha.post("/v1/sessions", content=b"{}", headers=headers), 400)
+
+
 async def test_unknown_routes_and_methods_are_problems(alpha: httpx.AsyncClient) -> None:
     problem(await alpha.get("/v2/nothing"), 404)
     problem(await alpha.put("/v1/sessions"), 405)

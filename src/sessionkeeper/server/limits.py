@@ -44,7 +44,12 @@ class BodyLimit:
             return
         limit = self.max_bytes
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+            if name != b"content-length":
+                continue
+            if not value.isdigit():
+                await problem(400, "Content-Length must be a number")(scope, receive, send)
+                return
+            if int(value) > limit:
                 await problem(413, _too_large(limit))(scope, receive, send)
                 return
         received = 0
