@@ -389,7 +389,8 @@ def is_after_cursor(record: SessionRecord, query: SessionQuery) -> bool:
 # Each guard keeps its counter as a small JSON value under one key; the functions below
 # compute the next value from the stored one, and engines run them atomically.
 
-_DAY = 86_400.0
+# A refused hit always waits a little: rounding can put the oldest hit's exit at "now".
+_MIN_RETRY = 1e-6
 
 
 def rate_hit(
@@ -409,7 +410,7 @@ def rate_hit(
         return hits, True, 0.0
     # Admitted once enough of the oldest hits have left the window.
     must_leave = len(hits) + cost - limit
-    return hits, False, max(hits[must_leave - 1] + window - now, 0.0)
+    return hits, False, max(hits[must_leave - 1] + window - now, _MIN_RETRY)
 
 
 def _times(value: str | None) -> list[float]:

@@ -727,7 +727,7 @@ end
 -- Admitted once the oldest n + cost - limit times have left the window.
 local oldest = tonumber(redis.call('LINDEX', KEYS[1], limit - cost))
 local retry = oldest + window - now
-if retry < 0 then retry = 0 end
+if retry < 1e-6 then retry = 1e-6 end  -- a refused hit always waits a little
 local reset = tonumber(redis.call('LINDEX', KEYS[1], 0)) + window - now
 return string.format('0 %d %.17g %.17g', n, retry, reset)
 """
