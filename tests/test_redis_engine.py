@@ -654,3 +654,30 @@ async def test_a_store_is_never_reused_across_fork(shared: tuple[str, str]) -> N
         child.join(30)
         assert "before fork" in queue.get(timeout=5)
         assert await store.count_sessions() == 1
+
+
+async def test_rate_hits_of_one_turn_share_one_evalsha(server: Server) -> None:
+    """The hits of one event-loop turn go as one script call; each keeps its own answer,
+    hits on one key count one after the other, and a broken log fails its hit alone."""
+    async with _store(server.url()) as store:
+        client = Redis(port=server.port)
+        try:  # a log that is not a list: LLEN fails with WRONGTYPE
+            await client.set("sk:{default}:log:rate:broken", "not a list")
+        finally:
+            await client.aclose()
+        outcomes: list[Any] = []
+
+        async def hits() -> None:
+            outcomes[:] = await asyncio.gather(
+                *(store.hit("shared", 3, 60) for _ in range(5)),
+                store.hit("broken", 3, 60),
+                store.hit("other", 3, 60),
+                return_exceptions=True,
+            )
+
+        assert await sent_by_clients(server.port, hits) == ["EVALSHA"]
+        assert [o.allowed for o in outcomes[:5]] == [True, True, True, False, False]
+        assert [o.remaining for o in outcomes[:5]] == [2, 1, 0, 0, 0]
+        assert isinstance(outcomes[5], BackendUnavailable)
+        assert "WRONGTYPE" in str(outcomes[5])
+        assert outcomes[6].allowed

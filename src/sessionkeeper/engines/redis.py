@@ -702,34 +702,58 @@ return 1
 """
 
 # The sliding-window log of rules.rate_hit as a list, newest time first, at most `limit`
-# long. KEYS: the log. ARGV: limit, window, cost, now. Replies one string (one reply to
-# parse): "<admitted 1/0> <hits in the window after the hit> <seconds until it would be
-# admitted> <seconds until the window is empty>".
+# long. rate_hit(log, limit, window, cost, now) replies one string (one reply to parse):
+# "<admitted 1/0> <hits in the window after the hit> <seconds until it would be admitted>
+# <seconds until the window is empty>". `window` and `now` come as text, kept as given.
+_LUA_RATE = r"""
+local function rate_hit(log, limit, window_text, cost, now_text)
+  local window, now = tonumber(window_text), tonumber(now_text)
+  local cutoff = now - window
+  -- The times in the window are a prefix of the log: find its length by bisection.
+  local lo, hi = 0, math.min(redis.call('LLEN', log), limit)
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(redis.call('LINDEX', log, mid)) > cutoff then lo = mid + 1 else hi = mid end
+  end
+  local n = lo
+  if n + cost <= limit then
+    local pushed = {}
+    for i = 1, cost do pushed[i] = now_text end
+    redis.call('LPUSH', log, unpack(pushed))
+    redis.call('LTRIM', log, 0, limit - 1)
+    expire_at(log, tostring(now + window))
+    return '1 ' .. (n + cost) .. ' 0 ' .. window_text
+  end
+  -- Admitted once the oldest n + cost - limit times have left the window.
+  local oldest = tonumber(redis.call('LINDEX', log, limit - cost))
+  local retry = oldest + window - now
+  if retry < 1e-6 then retry = 1e-6 end  -- a refused hit always waits a little
+  local reset = tonumber(redis.call('LINDEX', log, 0)) + window - now
+  return string.format('0 %d %.17g %.17g', n, retry, reset)
+end
+"""
+
+# KEYS: the log. ARGV: limit, window, cost, now.
 _RATE_HIT = r"""
-local limit, window, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-local cutoff = now - window
--- The times in the window are a prefix of the log: find its length by bisection.
-local lo, hi = 0, math.min(redis.call('LLEN', KEYS[1]), limit)
-while lo < hi do
-  local mid = math.floor((lo + hi) / 2)
-  if tonumber(redis.call('LINDEX', KEYS[1], mid)) > cutoff then lo = mid + 1 else hi = mid end
+return rate_hit(KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4])
+"""
+
+# The hits of one event-loop turn (one server only: the logs may lie in any slot), in
+# order. KEYS: each hit's log. ARGV: limit, window, cost, now of each hit. One reply each;
+# a hit that fails (its key holds another type, say) replies "error <message>" alone.
+_RATE_HIT_TURN = r"""
+local replies = {}
+for j = 1, #KEYS do
+  local a = (j - 1) * 4
+  local ok, reply = pcall(rate_hit, KEYS[j], tonumber(ARGV[a + 1]), ARGV[a + 2],
+    tonumber(ARGV[a + 3]), ARGV[a + 4])
+  if not ok then
+    if type(reply) == 'table' and reply.err then reply = reply.err end
+    reply = 'error ' .. tostring(reply)
+  end
+  replies[j] = reply
 end
-local n = lo
-if n + cost <= limit then
-  local pushed = {}
-  for i = 1, cost do pushed[i] = ARGV[4] end
-  redis.call('LPUSH', KEYS[1], unpack(pushed))
-  redis.call('LTRIM', KEYS[1], 0, limit - 1)
-  expire_at(KEYS[1], tostring(now + window))
-  return '1 ' .. (n + cost) .. ' 0 ' .. ARGV[2]
-end
--- Admitted once the oldest n + cost - limit times have left the window.
-local oldest = tonumber(redis.call('LINDEX', KEYS[1], limit - cost))
-local retry = oldest + window - now
-if retry < 1e-6 then retry = 1e-6 end  -- a refused hit always waits a little
-local reset = tonumber(redis.call('LINDEX', KEYS[1], 0)) + window - now
-return string.format('0 %d %.17g %.17g', n, retry, reset)
+return replies
 """
 
 
@@ -774,7 +798,8 @@ _SCRIPTS = {
     "delete_folder": _Script.of(_LUA_TENANT, _DELETE_FOLDER),
     "restore_updated": _Script.of(_RESTORE_UPDATED),
     "guard_set": _Script.of(_LUA_GUARD, _GUARD_SET),
-    "rate_hit": _Script.of(_LUA_GUARD, _RATE_HIT),
+    "rate_hit": _Script.of(_LUA_GUARD, _LUA_RATE, _RATE_HIT),
+    "rate_hit_turn": _Script.of(_LUA_GUARD, _LUA_RATE, _RATE_HIT_TURN),
 }
 
 
@@ -1137,6 +1162,7 @@ class RedisEngine(Engine):
         "_appends",
         "_client",
         "_fallback",
+        "_hits",
         "_options",
         "_reads",
         "_slots",
@@ -1156,6 +1182,7 @@ class RedisEngine(Engine):
         # do its message reads.
         self._appends = _Turns(functools.partial(self._run_turn, "append"), settings.pool_size)
         self._reads = _Turns(functools.partial(self._run_turn, "messages"), settings.pool_size)
+        self._hits = _Turns(functools.partial(self._run_turn, "rate_hit_turn"), settings.pool_size)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -2216,16 +2243,29 @@ class RedisEngine(Engine):
                 found.append(GuardRecord(member, stored, expires_at))
         return found
 
-    @_hook
     async def rate_hit(
         self, tenant: str, key: str, limit: int, window: float, cost: int, now: float
     ) -> tuple[bool, int, float, float]:
+        if self._fallback is not None:
+            return await self._fallback.rate_hit(tenant, key, limit, window, cost, now)
+        self._check_usable()
         log = f"{self._tenant(tenant).tag}:log:{key}"
-        reply = await self._eval(
-            "rate_hit", [log], [str(limit), repr(window), str(cost), repr(now)]
-        )
-        admitted, count, retry_after, reset_after = cast("str", reply).split()
+        args = [str(limit), repr(window), str(cost), repr(now)]
+        if self._options.cluster:
+            reply = await self._rate_hit_on_cluster(log, args)
+        else:  # the hits of one turn share one script call, as appends do
+            job = _Job(log, args, 1)
+            self._hits.add(job)
+            reply = await job.future
+        text = cast("str", reply)
+        if text.startswith("error "):
+            raise self._unavailable(RuntimeError(text.removeprefix("error ")))
+        admitted, count, retry_after, reset_after = text.split()
         return admitted == "1", int(count), float(retry_after), float(reset_after)
+
+    @_hook
+    async def _rate_hit_on_cluster(self, log: str, args: list[str]) -> Any:
+        return await self._eval("rate_hit", [log], args)
 
 
 def _version(expected_version: int | None) -> str:
