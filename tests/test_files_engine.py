@@ -605,3 +605,20 @@ async def test_a_relative_url_is_relative_to_the_working_folder(
     async with open_store("file:sessions") as store:
         await store.create_session(session_id="here")
     assert record_of(tmp_path / "sessions", "here").exists()
+
+
+async def test_an_empty_append_fails_alone_in_its_batch(store: SessionStore) -> None:
+    """The contract asks for at least one message; a caller that breaks it must not take
+    the appends batched with it down (the first append below goes alone; the two that
+    queue behind it share the next batch)."""
+    session = await store.create_session()
+    engine = engine_of(store)
+    results = await asyncio.gather(
+        store.append_message(session.id, "user", "first"),
+        engine.append_messages("default", session.id, [], START, None),
+        store.append_message(session.id, "user", "second"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], InvalidInput)
+    contents = [m.content for m in await store.read_messages(session.id)]
+    assert contents == ["first", "second"]

@@ -753,6 +753,7 @@ class FilesEngine(Engine):
             self._closed()
             return
         loop = asyncio.get_running_loop()
+        await asyncio.sleep(0)  # reads asked for in this turn are handed over first
         while pending := [f for f in self._pending if f.get_loop() is loop]:
             # calls already made (and appends queued behind them) finish first
             await asyncio.gather(*pending, return_exceptions=True)
@@ -1324,6 +1325,9 @@ class FilesEngine(Engine):
             chunks: list[bytes] = []
             lines = 0
             for job in jobs:
+                if not job.drafts:  # the contract says at least one; fail only this call
+                    results.append((False, InvalidInput("messages", "must not be empty")))
+                    continue
                 if rules.is_expired(record.expires_at, job.now):
                     results.append(absent)
                     continue
