@@ -106,6 +106,7 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 _DEADLOCK_RETRIES = 3
+_GUARD_ATTEMPTS = 10_000  # compare-and-set rounds before a guard update gives up
 # The most jobs, and messages, one batch statement carries: a batch must stay well within
 # the server timeout.
 _BATCH_JOBS = 64
@@ -503,16 +504,20 @@ _STATEMENTS: dict[str, str] = {
     "lock_expired": (
         "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED"
     ),
-    # Locks the guard's row for the transaction, making it first if there is none (as an
-    # expired row with an empty value), and reads what it holds.
-    "lock_guard": (
-        "INSERT INTO {s}.guards VALUES ($1, $2, '', 0) ON CONFLICT (tenant, key) "
-        "DO UPDATE SET tenant = excluded.tenant RETURNING value, expires_at"
+    # Guards change by compare-and-set: read, compute, then write only if the row still
+    # holds what was read (two autocommit statements; a lost race reads again).
+    "read_guard": "SELECT value, expires_at FROM {s}.guards WHERE tenant = $1 AND key = $2",
+    "new_guard": (
+        "INSERT INTO {s}.guards VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, key) DO NOTHING "
+        "RETURNING 1"
     ),
-    "save_guard": (
-        "UPDATE {s}.guards SET value = $3, expires_at = $4 WHERE tenant = $1 AND key = $2"
+    "swap_guard": (
+        "UPDATE {s}.guards SET value = $3, expires_at = $4 "
+        "WHERE tenant = $1 AND key = $2 AND value = $5 RETURNING 1"
     ),
-    "drop_guard": "DELETE FROM {s}.guards WHERE tenant = $1 AND key = $2",
+    "drop_guard": (
+        "DELETE FROM {s}.guards WHERE tenant = $1 AND key = $2 AND value = $3 RETURNING 1"
+    ),
     "get_guard": (
         "SELECT value FROM {s}.guards WHERE tenant = $1 AND key = $2 "
         "AND (expires_at IS NULL OR expires_at > $3)"
@@ -1645,24 +1650,31 @@ class PostgresEngine(Engine):
     # --- guards ------------------------------------------------------------------------
 
     async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
-        async def job(conn: Connection) -> T:
-            row = await conn.fetchrow(self._sql["lock_guard"], tenant, key)
-            assert row is not None  # the upsert returns its row
-            stored, expires = row
-            live = stored != "" and not rules.is_expired(expires, now)
+        sql = self._sql
+        for _ in range(_GUARD_ATTEMPTS):
+            rows = await self._fetch(sql["read_guard"], tenant, key)
+            stored, expires = (rows[0][0], rows[0][1]) if rows else (None, None)
+            live = stored is not None and not rules.is_expired(expires, now)
             value, expires_at, result = update(stored if live else None)
-            if value is None:
-                await conn.execute(self._sql["drop_guard"], tenant, key)
-            else:
-                await conn.execute(self._sql["save_guard"], tenant, key, value, expires_at)
-            return result
-
-        return await self._transact(job)
+            if stored is None:
+                if value is None or await self._fetch(
+                    sql["new_guard"], tenant, key, value, expires_at
+                ):
+                    return result
+            elif value is None:
+                if await self._fetch(sql["drop_guard"], tenant, key, stored):
+                    return result
+            elif await self._fetch(sql["swap_guard"], tenant, key, value, expires_at, stored):
+                return result
+            await asyncio.sleep(0)  # another writer changed it first: read it again
+        raise BackendUnavailable(
+            f"postgresql: guard {key!r} kept changing under {_GUARD_ATTEMPTS} tries"
+        )
 
     async def get_guard(self, tenant: str, key: str, now: float) -> str | None:
         rows = await self._fetch(self._sql["get_guard"], tenant, key, now)
-        return str(rows[0][0]) if rows and rows[0][0] != "" else None
+        return str(rows[0][0]) if rows else None
 
     async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
         rows = await self._fetch(self._sql["list_guards"], tenant, prefix, now)
-        return [GuardRecord(*row) for row in rows if row[1] != ""]
+        return [GuardRecord(*row) for row in rows]
