@@ -777,7 +777,7 @@ def serve_command(
     try:
         import uvicorn
 
-        from .server import create_app
+        from .server import create_app, ui
     except ImportError as exc:
         raise _fail(f"{exc.name} is missing: pip install 'sessionkeeper[server]'", 1) from None
     settings = _settings(ctx.obj)
@@ -789,11 +789,13 @@ def serve_command(
     token = asyncio.run(bootstrap())
     url = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
     typer.echo(f"sessionkeeper: serving {settings.url} at {url} (API docs: {url}/docs)")
+    typer.echo(f"admin page: {url}/ui")
     if token is not None:
         typer.echo(f"admin key of tenant {settings.tenant!r}, shown this once:\n{token}")
         typer.echo(f'try it: curl -H "Authorization: Bearer {token}" {url}/v1/me')
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvicorn.run(create_app(settings=settings), host=host, port=port, access_log=False)
+    app = create_app(settings=settings, routers=[ui.router])
+    uvicorn.run(app, host=host, port=port, access_log=False)
 
 
 def _key_table(found: list[keys.ApiKey]) -> Table:

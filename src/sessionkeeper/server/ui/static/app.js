@@ -1,0 +1,518 @@
+// The admin page: signs in with an API key and reads the /v1 API with it.
+//
+// The key lives in sessionStorage (this tab only) and goes out only as the Authorization
+// header, never in a URL. Every value from the server reaches the page as text
+// (textContent, text nodes, setAttribute of plain attributes), never as HTML.
+"use strict";
+
+(() => {
+  const KEY = "sessionkeeper.key";
+  const TENANT = "sessionkeeper.tenant";
+  const PAGE_SIZE = 20;
+  const MESSAGE_PAGE = 100;
+  const DAYS = 14;
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+
+  let me = null; // the key's identity: {key_id, tenant, role, name}
+  let tenant = null; // the tenant shown
+  let filters = {};
+  let cursors = [null]; // the cursor of each page reached, newest first
+  let pageIndex = 0;
+  let nextCursor = null;
+  let openId = null; // the session shown in the conversation panel
+  let lastSeq = 0;
+  let context = 0; // bumped by every sign-in, sign-out and tenant change
+  const tickets = {}; // the latest request of each kind: older answers are dropped
+
+  function ticket(kind) {
+    const mine = (tickets[kind] = (tickets[kind] || 0) + 1);
+    const at = context;
+    return () => tickets[kind] === mine && at === context;
+  }
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+    }
+  }
+
+  // --- building the page from data, as text only --------------------------------------
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(props || {})) {
+      if (name === "class") node.className = value;
+      else if (name === "onclick") node.addEventListener("click", value);
+      else node.setAttribute(name, String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child); // strings become text
+    }
+    return node;
+  }
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      node.setAttribute(name, String(value));
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  const pad = (n) => String(n).padStart(2, "0");
+
+  function when(iso) {
+    if (!iso) return "never";
+    const d = new Date(iso);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  const count = (n) => Number(n).toLocaleString("en-US");
+  const money = (n) => String(Number(Number(n).toFixed(6)));
+  const json = (value) => JSON.stringify(value, null, 2);
+
+  function show(node, on) {
+    node.hidden = !on;
+  }
+
+  // --- the API ------------------------------------------------------------------------
+
+  async function api(path, params, key) {
+    const url = new URL(path, document.baseURI);
+    for (const [name, value] of Object.entries(params || {})) {
+      if (value !== undefined && value !== null && value !== "") {
+        url.searchParams.set(name, value);
+      }
+    }
+    if (me && tenant && tenant !== me.tenant) url.searchParams.set("tenant", tenant);
+    let response;
+    try {
+      response = await fetch(url, {
+        headers: {
+          Authorization: `Bearer ${key || sessionStorage.getItem(KEY) || ""}`,
+          Accept: "application/json",
+        },
+        cache: "no-store",
+        credentials: "omit",
+      });
+    } catch (exc) {
+      throw new ApiError(0, "the server cannot be reached");
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (exc) {
+      body = null;
+    }
+    if (!response.ok) {
+      const detail = body && typeof body.detail === "string" ? body.detail : "";
+      throw new ApiError(response.status, detail || `HTTP ${response.status}`);
+    }
+    return body;
+  }
+
+  function failed(exc) {
+    if (exc instanceof ApiError && exc.status === 401) {
+      signOut(`Signed out: ${exc.message}`);
+      return;
+    }
+    const box = $("error");
+    box.textContent = exc instanceof ApiError ? exc.message : `the page failed: ${exc}`;
+    show(box, true);
+  }
+
+  // --- signing in and out -------------------------------------------------------------
+
+  async function signIn(key) {
+    const identity = await api("../v1/me", {}, key);
+    sessionStorage.setItem(KEY, key);
+    me = identity;
+    context += 1;
+    const remembered = sessionStorage.getItem(TENANT);
+    tenant = me.role === "admin" && remembered ? remembered : me.tenant;
+    $("identity").textContent =
+      `${me.role} key ${me.key_id}${me.name ? ` (${me.name})` : ""} of tenant ${me.tenant}`;
+    show($("sign-in"), false);
+    show($("sign-in-error"), false);
+    show($("who"), true);
+    show($("dashboard"), true);
+    await pickTenants();
+    await reload(true);
+  }
+
+  function signOut(message) {
+    sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(TENANT);
+    me = null;
+    tenant = null;
+    context += 1;
+    closeConversation();
+    // nothing of the last key's data stays in the page, nor its search
+    for (const id of ["figures", "top-owners", "chart", "session-rows", "messages",
+      "session-fields", "tenant"]) {
+      $(id).replaceChildren();
+    }
+    for (const id of ["session-count", "session-state", "session-metadata", "identity"]) {
+      $(id).textContent = "";
+    }
+    $("search").reset();
+    show($("who"), false);
+    show($("dashboard"), false);
+    show($("sign-in"), true);
+    const box = $("sign-in-error");
+    box.textContent = message || "";
+    show(box, Boolean(message));
+    $("key").focus();
+  }
+
+  async function pickTenants() {
+    const picker = $("tenant");
+    picker.replaceChildren();
+    if (me.role !== "admin") {
+      show($("tenant-picker"), false);
+      return;
+    }
+    const found = await api("../v1/admin/tenants");
+    const names = [...new Set([me.tenant, tenant, ...found.tenants])].sort();
+    for (const name of names) picker.append(el("option", { value: name }, name));
+    picker.value = tenant;
+    show($("tenant-picker"), true);
+  }
+
+  // --- stats and the chart ------------------------------------------------------------
+
+  async function loadStats() {
+    const current = ticket("stats");
+    const offset = -new Date().getTimezoneOffset();
+    const [stats, daily] = await Promise.all([
+      api("../v1/stats", { top: 5 }),
+      api("api/daily", { days: DAYS, utc_offset: offset }),
+    ]);
+    if (!current()) return;
+    const figures = [
+      ["Sessions", count(stats.total)],
+      ["Active", count(stats.active)],
+      ["Completed", count(stats.completed)],
+      ["Archived", count(stats.archived)],
+      ["Completion rate", `${(stats.completion_rate * 100).toFixed(1)}%`],
+      ["Updated in 24 h", count(stats.active_last_24h)],
+      ["Messages", count(stats.messages)],
+      ["Input tokens", count(stats.input_tokens)],
+      ["Output tokens", count(stats.output_tokens)],
+      ["Cost", money(stats.cost)],
+    ];
+    $("figures").replaceChildren(
+      ...figures.map(([name, value]) =>
+        el("div", { "data-figure": name }, el("dt", {}, name), el("dd", {}, value)),
+      ),
+    );
+    const owners = $("top-owners");
+    owners.replaceChildren(
+      ...stats.top_owners.map((o) =>
+        el(
+          "li",
+          {},
+          o.owner === null ? el("span", { class: "muted" }, "(no owner)") : o.owner,
+          el("span", { class: "muted" }, ` — ${count(o.sessions)}`),
+        ),
+      ),
+    );
+    if (!stats.top_owners.length) owners.append(el("li", { class: "muted" }, "none yet"));
+    drawChart(daily.days);
+  }
+
+  function niceStep(max) {
+    const rough = max / 4;
+    const power = 10 ** Math.floor(Math.log10(Math.max(rough, 1)));
+    for (const m of [1, 2, 5, 10]) if (m * power >= rough) return Math.max(1, m * power);
+    return 10 * power;
+  }
+
+  function drawChart(days) {
+    const width = 640;
+    const height = 220;
+    const left = 36;
+    const right = 8;
+    const top = 12;
+    const bottom = 30;
+    const plotW = width - left - right;
+    const plotH = height - top - bottom;
+    const max = Math.max(1, ...days.flatMap((d) => [d.created, d.completed]));
+    const step = niceStep(max);
+    const yMax = Math.ceil(max / step) * step;
+    const y = (v) => top + plotH - (v / yMax) * plotH;
+    const created = days.reduce((n, d) => n + d.created, 0);
+    const completed = days.reduce((n, d) => n + d.completed, 0);
+    const root = svg("svg", {
+      viewBox: `0 0 ${width} ${height}`,
+      role: "img",
+      "aria-label": `Last ${days.length} days: ${created} sessions created, ${completed} completed`,
+    });
+    for (let v = 0; v <= yMax; v += step) {
+      root.append(
+        svg("line", { class: "grid", x1: left, x2: width - right, y1: y(v), y2: y(v) }),
+        svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end" }, String(v)),
+      );
+    }
+    const slot = plotW / days.length;
+    const bar = Math.max(2, slot * 0.36);
+    days.forEach((d, i) => {
+      const x = left + i * slot + (slot - 2 * bar) / 2;
+      for (const [kind, value, at] of [
+        ["created", d.created, x],
+        ["completed", d.completed, x + bar],
+      ]) {
+        root.append(
+          svg(
+            "rect",
+            {
+              class: `bar bar-${kind}`,
+              x: at,
+              y: y(value),
+              width: bar,
+              height: Math.max(0, top + plotH - y(value)),
+              "data-day": d.day,
+              "data-kind": kind,
+              "data-count": value,
+            },
+            svg("title", {}, `${d.day}: ${value} ${kind}`),
+          ),
+        );
+      }
+      if (days.length <= 16 || i % Math.ceil(days.length / 14) === 0) {
+        root.append(
+          svg(
+            "text",
+            { x: left + i * slot + slot / 2, y: height - bottom + 16, "text-anchor": "middle" },
+            d.day.slice(5),
+          ),
+        );
+      }
+    });
+    $("chart").replaceChildren(root);
+  }
+
+  // --- the session list ---------------------------------------------------------------
+
+  function readFilters() {
+    return {
+      title_contains: $("q-title").value.trim(),
+      owner: $("q-owner").value.trim(),
+      status: $("q-status").value,
+    };
+  }
+
+  async function loadSessions(recount) {
+    const current = ticket("list");
+    const [page, counted] = await Promise.all([
+      api("../v1/sessions", { ...filters, limit: PAGE_SIZE, cursor: cursors[pageIndex] }),
+      recount ? api("../v1/session-count", filters) : null,
+    ]);
+    if (!current()) return;
+    nextCursor = page.next_cursor;
+    if (counted) $("session-count").textContent = `(${count(counted.count)})`;
+    $("session-rows").replaceChildren(...page.items.map(sessionRow));
+    show($("no-sessions"), page.items.length === 0);
+    $("prev-page").disabled = pageIndex === 0;
+    $("next-page").disabled = nextCursor === null;
+    $("page-number").textContent = `page ${pageIndex + 1}`;
+  }
+
+  function sessionRow(s) {
+    const row = el(
+      "tr",
+      { "data-session": s.id, class: s.id === openId ? "selected" : "" },
+      el(
+        "td",
+        {},
+        el(
+          "button",
+          { type: "button", class: "open", onclick: () => openSession(s.id).catch(failed) },
+          s.title || "(untitled)",
+        ),
+        el("div", { class: "muted" }, s.id),
+      ),
+      el("td", {}, s.owner === null ? el("span", { class: "muted" }, "—") : s.owner),
+      el("td", {}, el("span", { class: `status status-${s.status}` }, s.status)),
+      el("td", {}, s.step === null ? "" : s.step),
+      el("td", { class: "num" }, count(s.message_count)),
+      el("td", { class: "num" }, count(s.input_tokens + s.output_tokens)),
+      el("td", { class: "num" }, money(s.cost)),
+      el("td", {}, when(s.updated_at)),
+    );
+    return row;
+  }
+
+  // --- one conversation ---------------------------------------------------------------
+
+  async function openSession(id) {
+    const current = ticket("open");
+    openId = id;
+    for (const row of $("session-rows").children) {
+      row.classList.toggle("selected", row.dataset.session === id);
+    }
+    const [session, messages] = await Promise.all([
+      api(`../v1/sessions/${encodeURIComponent(id)}`),
+      api(`../v1/sessions/${encodeURIComponent(id)}/messages`, { limit: MESSAGE_PAGE }),
+    ]);
+    if (!current()) return;
+    $("conversation-title").textContent = session.title || "(untitled)";
+    const fields = [
+      ["id", session.id],
+      ["owner", session.owner],
+      ["folder", session.folder],
+      ["status", session.status],
+      ["step", session.step],
+      ["version", session.version],
+      ["created", when(session.created_at)],
+      ["updated", when(session.updated_at)],
+      ["expires", when(session.expires_at)],
+      ["messages", count(session.message_count)],
+      ["tokens", `${count(session.input_tokens)} in, ${count(session.output_tokens)} out`],
+      ["cost", money(session.cost)],
+    ];
+    $("session-fields").replaceChildren(
+      ...fields.flatMap(([name, value]) => [
+        el("dt", {}, name),
+        el("dd", { "data-field": name }, value === null ? "—" : String(value)),
+      ]),
+    );
+    $("session-state").textContent = json(session.state);
+    $("session-metadata").textContent = json(session.metadata);
+    $("messages").replaceChildren();
+    lastSeq = 0;
+    addMessages(messages);
+    show($("conversation"), true);
+    $("conversation").scrollIntoView({ block: "nearest" });
+  }
+
+  function addMessages(messages) {
+    const list = $("messages");
+    for (const m of messages) {
+      const role = /^[a-z]{1,20}$/.test(m.role) ? m.role : "other";
+      const body =
+        typeof m.content === "string"
+          ? el("div", { class: "message-body" }, m.content)
+          : el("pre", { class: "json" }, json(m.content));
+      const tokens = m.input_tokens || m.output_tokens
+        ? `${m.input_tokens} in, ${m.output_tokens} out` : null;
+      const meta = Object.keys(m.metadata).length
+        ? el("details", {}, el("summary", {}, "metadata"), el("pre", { class: "json" }, json(m.metadata)))
+        : null;
+      list.append(
+        el(
+          "li",
+          { class: `message role-${role}`, "data-seq": m.seq },
+          el(
+            "div",
+            { class: "message-head" },
+            el("span", { class: "role" }, m.role),
+            el("span", {}, `#${m.seq}`),
+            el("span", {}, when(m.created_at)),
+            tokens && el("span", {}, tokens),
+            m.cost ? el("span", {}, `cost ${money(m.cost)}`) : null,
+          ),
+          body,
+          meta,
+        ),
+      );
+      lastSeq = m.seq;
+    }
+    if (!list.children.length) list.append(el("li", { class: "muted" }, "No messages."));
+    show($("more-messages"), messages.length === MESSAGE_PAGE);
+  }
+
+  async function moreMessages() {
+    const id = openId;
+    const at = context;
+    const messages = await api(`../v1/sessions/${encodeURIComponent(id)}/messages`, {
+      after_seq: lastSeq,
+      limit: MESSAGE_PAGE,
+    });
+    if (at === context && id === openId) addMessages(messages);
+  }
+
+  function closeConversation() {
+    ticket("open"); // an answer still on its way is not shown
+    openId = null;
+    show($("conversation"), false);
+    for (const row of $("session-rows").children) row.classList.remove("selected");
+  }
+
+  // --- wiring -------------------------------------------------------------------------
+
+  async function reload(fromStart) {
+    show($("error"), false);
+    if (fromStart) {
+      filters = readFilters();
+      cursors = [null];
+      pageIndex = 0;
+      closeConversation();
+    }
+    const opened = openId;
+    await Promise.all([
+      loadStats(),
+      loadSessions(true),
+      opened ? openSession(opened) : null,
+    ]);
+  }
+
+  function start() {
+    $("sign-in-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = $("key");
+      const key = input.value.trim();
+      input.value = "";
+      signIn(key).catch((exc) => {
+        if (exc instanceof ApiError && (exc.status === 401 || exc.status === 429)) {
+          signOut(exc.message);
+        } else {
+          signOut(`Cannot sign in: ${exc.message}`);
+        }
+      });
+    });
+    $("sign-out").addEventListener("click", () => signOut(""));
+    $("refresh").addEventListener("click", () => reload(false).catch(failed));
+    $("tenant").addEventListener("change", () => {
+      tenant = $("tenant").value;
+      sessionStorage.setItem(TENANT, tenant);
+      context += 1;
+      reload(true).catch(failed);
+    });
+    $("search").addEventListener("submit", (event) => {
+      event.preventDefault();
+      show($("error"), false);
+      filters = readFilters();
+      cursors = [null];
+      pageIndex = 0;
+      loadSessions(true).catch(failed);
+    });
+    $("next-page").addEventListener("click", () => {
+      if (nextCursor === null) return;
+      cursors[pageIndex + 1] = nextCursor;
+      pageIndex += 1;
+      loadSessions(false).catch(failed);
+    });
+    $("prev-page").addEventListener("click", () => {
+      if (pageIndex === 0) return;
+      pageIndex -= 1;
+      loadSessions(false).catch(failed);
+    });
+    $("close-conversation").addEventListener("click", closeConversation);
+    $("more-messages").addEventListener("click", () => moreMessages().catch(failed));
+
+    const stored = sessionStorage.getItem(KEY);
+    if (stored) {
+      signIn(stored).catch((exc) => signOut(`Signed out: ${exc.message}`));
+    } else {
+      signOut("");
+    }
+  }
+
+  start();
+})();
