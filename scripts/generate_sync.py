@@ -29,8 +29,9 @@ runs the async method of the same name on an event loop that lives on its own th
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -123,9 +124,28 @@ class SyncSessionStore:
     def for_tenant(self, tenant: str) -> SyncSessionStore:
         """A view of ``tenant`` over the same engine and event loop."""
         return SyncSessionStore(self._store.for_tenant(tenant), self._portal)
+
+    def on(self, event: HookEvent, callback: Hook) -> Callable[[], None]:
+        """Call ``callback(SessionEvent)`` after every ``event`` (see SessionStore.on).
+
+        A plain function runs on a worker thread, so it may call this store; the write
+        returns once it has run. Returns a function that removes the hook.
+        """
+        if not callable(callback):
+            return self._store.on(event, callback)
+
+        async def off_the_loop(payload: SessionEvent) -> None:
+            # on the loop's thread a call back into this store would wait for itself
+            result = await asyncio.to_thread(callback, payload)
+            if inspect.isawaitable(result):  # a coroutine function's: run it on the loop
+                await result
+
+        return self._store.on(event, off_the_loop)
 '''
 
 SKIP = {"open", "close", "__aenter__", "__aexit__"}
+# What the hand-written part above takes from store.py.
+HEADER_STORE_NAMES = ("Hook", "HookEvent", "SessionEvent", "SessionStore", "open_store")
 
 
 def _names(node: ast.AST) -> set[str]:
@@ -180,7 +200,7 @@ def generate() -> str:
     )
     header = HEADER.replace("{imports}", "\n".join(imports)).replace(
         "from .store import SessionStore, open_store",
-        f"from .store import {', '.join([*aliases, 'SessionStore', 'open_store'])}",
+        f"from .store import {', '.join([*aliases, *HEADER_STORE_NAMES])}",
     )
     source = header + "\n" + "\n".join(methods)
     formatted = subprocess.run(

@@ -29,7 +29,7 @@ from .models import (
     Status,
 )
 from .settings import Settings
-from .store import SessionStore, open_store
+from .store import Hook, HookEvent, SessionEvent, SessionStore, open_store
 from .sync import SyncSessionStore, open_store_sync
 
 __all__ = [
@@ -42,6 +42,8 @@ __all__ = [
     "Clock",
     "Folder",
     "FrozenClock",
+    "Hook",
+    "HookEvent",
     "InvalidInput",
     "LockedOut",
     "LoginStatus",
@@ -53,6 +55,7 @@ __all__ = [
     "RateLimitResult",
     "RateLimited",
     "Session",
+    "SessionEvent",
     "SessionKeeperError",
     "SessionStore",
     "SessionSummary",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,6 +43,32 @@ class Settings(BaseSettings):
         None, gt=0, description="Cap in seconds on any session's lifetime (None: no cap)"
     )
     purge_batch_size: int = Field(500, gt=0, description="Sessions removed per purge batch")
+
+    # --- lifecycle: the sweeper and limits per owner ---
+
+    sweep_interval: float | None = Field(
+        60.0,
+        ge=0,
+        description="Seconds between two passes of the background sweeper the HTTP service "
+        "runs (purge expired sessions, apply max_session_age); 0 or None: no sweeper",
+    )
+    max_sessions_per_owner: int | None = Field(
+        None,
+        gt=0,
+        description="Most live sessions one owner may have; creating one more raises "
+        "InvalidInput naming owner (None: no limit)",
+    )
+    max_session_age: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds after its creation when the sweeper archives a session (or "
+        "purges it, see max_session_age_action) (None: no limit)",
+    )
+    max_session_age_action: Literal["archive", "purge"] = Field(
+        "archive",
+        description="What the sweeper does with a session older than max_session_age: "
+        "archive (status archived, kept) or purge (deleted, firing the expired hook)",
+    )
 
     sqlite_busy_timeout: float = Field(
         30.0, gt=0, description="Seconds a SQLite writer waits for another process's lock"

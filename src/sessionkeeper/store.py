@@ -8,8 +8,11 @@ SQL or Redis: that is the engine's job.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -21,7 +24,14 @@ from . import guards, rules
 from .clock import Clock, SystemClock
 from .engines.base import Engine
 from .engines.urls import engine_from_url
-from .errors import BackendUnavailable, InvalidInput, LockedOut, NotFound, RateLimited
+from .errors import (
+    BackendUnavailable,
+    InvalidInput,
+    LockedOut,
+    NotFound,
+    RateLimited,
+    VersionConflict,
+)
 from .models import (
     PERIODS,
     STATUSES,
@@ -48,7 +58,17 @@ from .models import (
 )
 from .settings import Settings
 
-__all__ = ["LoadOutcome", "MessageLike", "OrderBy", "SessionStore", "open_store"]
+__all__ = [
+    "HOOK_EVENTS",
+    "Hook",
+    "HookEvent",
+    "LoadOutcome",
+    "MessageLike",
+    "OrderBy",
+    "SessionEvent",
+    "SessionStore",
+    "open_store",
+]
 
 MessageLike = MessageIn | Mapping[str, Any]
 OrderBy = Literal["created_at", "updated_at"]
@@ -56,9 +76,38 @@ OrderBy = Literal["created_at", "updated_at"]
 #: wrote nothing because the copy has expired.
 LoadOutcome = Literal["loaded", "kept", "expired"]
 
+#: The events change hooks are called on.
+HookEvent = Literal["created", "completed", "expired", "deleted"]
+HOOK_EVENTS: tuple[HookEvent, ...] = ("created", "completed", "expired", "deleted")
+
 _DAY = 86_400.0
 _MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
 _MAX_NAME = 256
+# The guard where creates of one owner reserve a place while max_sessions_per_owner is
+# checked, and how long a reservation of a process that died on the way is honoured.
+_OWNER_SLOTS = "slots:"
+_SLOT_LEASE = 60.0
+
+_log = logging.getLogger("sessionkeeper.hooks")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """What a change hook is called with, after the write it reports has landed.
+
+    ``session`` is the session after the write for ``created`` and ``completed``, as it
+    was last listed for ``expired``, and None for ``deleted``.
+    """
+
+    event: HookEvent
+    tenant: str
+    session_id: str
+    at: datetime
+    session: SessionSummary | None = None
+
+
+#: A change hook: a function or a coroutine function of one SessionEvent.
+Hook = Callable[[SessionEvent], Awaitable[None] | None]
 
 
 def open_store(
@@ -173,6 +222,44 @@ def _backup_problem(target: Path, database: Path) -> str | None:
     return None
 
 
+def _live_slots(value: str | None, now: float) -> dict[str, float]:
+    """The reservations of an owner's slot guard that are still within their lease."""
+    slots: dict[str, float] = {} if value is None else rules.decode_json(value)
+    return {token: at for token, at in slots.items() if at > now - _SLOT_LEASE}
+
+
+def _slot_value(slots: dict[str, float], now: float) -> tuple[str | None, float | None]:
+    if not slots:
+        return None, None
+    return rules.encode_json(slots, "slots", 1 << 30, 2), now + _SLOT_LEASE
+
+
+def _reserve_slot(
+    token: str, now: float
+) -> Callable[[str | None], tuple[str | None, float | None, int]]:
+    """A guard update that adds the reservation ``token`` and returns how many other
+    creates of the owner hold one."""
+
+    def update(value: str | None) -> tuple[str | None, float | None, int]:
+        slots = _live_slots(value, now)
+        others = len(slots)
+        slots[token] = now
+        return *_slot_value(slots, now), others
+
+    return update
+
+
+def _release_slot(
+    token: str, now: float
+) -> Callable[[str | None], tuple[str | None, float | None, None]]:
+    def update(value: str | None) -> tuple[str | None, float | None, None]:
+        slots = _live_slots(value, now)
+        slots.pop(token, None)
+        return *_slot_value(slots, now), None
+
+    return update
+
+
 def _folder_id(record: FolderRecord) -> str:
     return record.id
 
@@ -274,7 +361,16 @@ class SessionStore:
     leaves it open.
     """
 
-    __slots__ = ("_clock", "_engine", "_guarded", "_open", "_owns_engine", "settings", "tenant")
+    __slots__ = (
+        "_clock",
+        "_engine",
+        "_guarded",
+        "_hooks",
+        "_open",
+        "_owns_engine",
+        "settings",
+        "tenant",
+    )
 
     def __init__(
         self,
@@ -295,6 +391,8 @@ class SessionStore:
             self.settings.session_message_limit is not None or self.settings.budgets_enforced
         )
         self._open = [False]  # shared with tenant views, so closing one closes them all
+        # change hooks by event, shared with tenant views too
+        self._hooks: dict[str, list[Hook]] = {event: [] for event in HOOK_EVENTS}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -332,10 +430,58 @@ class SessionStore:
         """A view of ``tenant`` over the same engine; it sees nothing of other tenants."""
         view = SessionStore(self._engine, tenant=tenant, settings=self.settings, clock=self._clock)
         view._open = self._open
+        view._hooks = self._hooks
         return view
+
+    @property
+    def clock(self) -> Clock:
+        """Where the store's time comes from (maintenance computes its cutoffs with it)."""
+        return self._clock
 
     def _now(self) -> float:
         return self._clock.now()
+
+    # --- change hooks ------------------------------------------------------------------
+
+    def on(self, event: HookEvent, callback: Hook) -> Callable[[], None]:
+        """Call ``callback(SessionEvent)`` after every ``event`` of this store and its
+        tenant views: ``created``, ``completed`` (the status became completed),
+        ``expired`` (removed by the sweeper's ``max_session_age``) or ``deleted``.
+
+        Hooks run after the write landed, in the order they were added, before the call
+        that wrote returns; a coroutine function is awaited. An exception in a hook is
+        logged (``sessionkeeper.hooks``) and never undoes or fails the write. Returns a
+        function that removes the hook.
+        """
+        if event not in HOOK_EVENTS:
+            raise InvalidInput("event", f"must be one of {', '.join(HOOK_EVENTS)}, not {event!r}")
+        if not callable(callback):
+            raise InvalidInput("callback", "must be a function or a coroutine function")
+        hooks = self._hooks[event]
+        hooks.append(callback)
+
+        def remove() -> None:
+            if callback in hooks:
+                hooks.remove(callback)
+
+        return remove
+
+    async def _fire(
+        self, event: HookEvent, session_id: str, session: SessionSummary | None = None
+    ) -> None:
+        payload = SessionEvent(event, self.tenant, session_id, _utc(self._now()), session)
+        for callback in tuple(self._hooks[event]):
+            try:
+                result = callback(payload)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                _log.exception(
+                    "a %r hook failed for session %r of tenant %r",
+                    event,
+                    session_id,
+                    self.tenant,
+                )
 
     # --- validation --------------------------------------------------------------------
 
@@ -500,8 +646,42 @@ class SessionStore:
             idle_ttl=idle_seconds,
             deadline=deadline,
         )
-        await self.engine.insert_session(record, now)
-        return _session(record)
+        limit = settings.max_sessions_per_owner
+        if limit is not None and record.owner is not None:
+            await self._insert_within_limit(record, limit, now)
+        else:
+            await self.engine.insert_session(record, now)
+        session = _session(record)
+        if self._hooks["created"]:
+            await self._fire("created", record.id, session)
+        return session
+
+    async def _insert_within_limit(self, record: SessionRecord, limit: int, now: float) -> None:
+        """Insert a session of an owner unless it has ``limit`` live sessions already.
+
+        Counting and inserting are two steps, so each create first reserves a place in a
+        guard of the owner (atomic on every engine) and counts the creates of other
+        processes that hold one as sessions: concurrent creates can never pass the limit,
+        though near it one may be refused that would have fit.
+        """
+        owner = record.owner
+        key = f"{_OWNER_SLOTS}{owner}"
+        token = rules.new_id()
+        engine = self.engine
+        others = await engine.update_guard(self.tenant, key, _reserve_slot(token, now), now)
+        try:
+            query = SessionQuery(owner=owner, owner_set=True)
+            count = await engine.count_sessions(self.tenant, query, now)
+            if count + others >= limit:
+                pending = f" and {others} more being created" if others else ""
+                raise InvalidInput(
+                    "owner",
+                    f"{owner!r} has {count} sessions{pending}; max_sessions_per_owner allows "
+                    f"{limit}: delete or archive some of them first",
+                )
+            await engine.insert_session(record, now)
+        finally:
+            await engine.update_guard(self.tenant, key, _release_slot(token, now), now)
 
     async def get_session(self, session_id: str) -> Session:
         """The session with its state. Raises NotFound if absent or expired."""
@@ -514,9 +694,25 @@ class SessionStore:
 
     async def delete_session(self, session_id: str, *, expected_version: int | None = None) -> None:
         """Delete a session and its messages. Raises NotFound or VersionConflict."""
-        await self.engine.delete_session(
-            self.tenant, self._session_id(session_id), self._now(), _version(expected_version)
-        )
+        sid = self._session_id(session_id)
+        await self.engine.delete_session(self.tenant, sid, self._now(), _version(expected_version))
+        if self._hooks["deleted"]:
+            await self._fire("deleted", sid)
+
+    async def expire_session(
+        self,
+        session_id: str,
+        *,
+        expected_version: int | None = None,
+        last_seen: SessionSummary | None = None,
+    ) -> None:
+        """Delete a session that a lifetime policy ended (the sweeper's
+        ``max_session_age``): as ``delete_session``, but the ``expired`` hooks fire, with
+        ``last_seen`` (the session as the caller last read it) as their session."""
+        sid = self._session_id(session_id)
+        await self.engine.delete_session(self.tenant, sid, self._now(), _version(expected_version))
+        if self._hooks["expired"]:
+            await self._fire("expired", sid, last_seen)
 
     async def change_session(
         self,
@@ -569,19 +765,57 @@ class SessionStore:
                 metadata, "metadata", settings.max_metadata_bytes
             )
         change.messages = self._drafts(messages, "messages") if messages else []
+        # who completes a session is known only from the version the change was made at
+        completing = fields.get("status") == "completed" and bool(self._hooks["completed"])
         now = self._now()
+        completed = False
         if self._guarded and change.messages:
             taken = await self._pass_guards(sid, change.messages, now)
             try:
-                record, appended = await self.engine.change_session(self.tenant, sid, change, now)
+                if completing:
+                    record, appended, completed = await self._complete(sid, change)
+                else:
+                    record, appended = await self.engine.change_session(
+                        self.tenant, sid, change, now
+                    )
             except BaseException:
                 await guards.refund(self.engine, self.tenant, self.settings, taken, now)
                 raise
+        elif completing:
+            record, appended, completed = await self._complete(sid, change)
         else:
             record, appended = await self.engine.change_session(self.tenant, sid, change, now)
-        return ChangeResult.model_construct(
+        result = ChangeResult.model_construct(
             session=_session(record), messages=[_message(m) for m in appended]
         )
+        if completed:
+            await self._fire("completed", sid, result.session)
+        return result
+
+    async def _complete(
+        self, sid: str, change: Change
+    ) -> tuple[SessionRecord, list[MessageRecord], bool]:
+        """Apply a change that sets status completed, and say whether it is the one that
+        completed the session: the change is pinned to the version read just before it,
+        so of concurrent completions (from any process) exactly one saw another status.
+        Without an ``expected_version`` of the caller's, a pin that went stale is read
+        again and the change retried, as the unpinned change would have landed."""
+        given = change.expected_version
+        while True:
+            now = self._now()
+            before = await self.engine.get_session(self.tenant, sid, now)
+            if before is None:
+                raise NotFound(f"no session {sid!r}")
+            if given is not None and before.version != given:
+                raise VersionConflict(sid, given, before.version)
+            change.expected_version = before.version
+            try:
+                record, appended = await self.engine.change_session(self.tenant, sid, change, now)
+            except VersionConflict:
+                if given is not None:
+                    raise
+                continue
+            return record, appended, before.status != "completed"
 
     async def update_session(
         self,
@@ -885,7 +1119,28 @@ class SessionStore:
         target = self._optional_id(reassign_to, "reassign_to")
         if target == fid:
             raise InvalidInput("reassign_to", "must be another folder than the one deleted")
-        return await self.engine.delete_folder(self.tenant, fid, self._now(), target, cascade)
+        deleted = 0
+        if cascade and self._hooks["deleted"]:
+            # the engine deletes a folder's sessions without naming them: delete them one
+            # by one first, so that each fires its hook
+            deleted = await self._delete_folder_sessions(fid)
+        return deleted + await self.engine.delete_folder(
+            self.tenant, fid, self._now(), target, cascade
+        )
+
+    async def _delete_folder_sessions(self, folder_id: str) -> int:
+        deleted = 0
+        limit = min(500, self.settings.max_page_size)
+        while True:
+            page = await self.list_sessions(folder=folder_id, limit=limit)
+            if not page.items:
+                return deleted
+            for session in page.items:
+                try:
+                    await self.delete_session(session.id)
+                except NotFound:  # expired or deleted meanwhile
+                    continue
+                deleted += 1
 
     # --- expiry ------------------------------------------------------------------------
 

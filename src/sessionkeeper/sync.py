@@ -7,8 +7,9 @@ runs the async method of the same name on an event loop that lives on its own th
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +35,16 @@ from .models import (
     Unset,
 )
 from .settings import Settings
-from .store import LoadOutcome, MessageLike, OrderBy, SessionStore, open_store
+from .store import (
+    Hook,
+    HookEvent,
+    LoadOutcome,
+    MessageLike,
+    OrderBy,
+    SessionEvent,
+    SessionStore,
+    open_store,
+)
 
 __all__ = ["SyncSessionStore", "open_store_sync"]
 
@@ -121,6 +131,23 @@ class SyncSessionStore:
         """A view of ``tenant`` over the same engine and event loop."""
         return SyncSessionStore(self._store.for_tenant(tenant), self._portal)
 
+    def on(self, event: HookEvent, callback: Hook) -> Callable[[], None]:
+        """Call ``callback(SessionEvent)`` after every ``event`` (see SessionStore.on).
+
+        A plain function runs on a worker thread, so it may call this store; the write
+        returns once it has run. Returns a function that removes the hook.
+        """
+        if not callable(callback):
+            return self._store.on(event, callback)
+
+        async def off_the_loop(payload: SessionEvent) -> None:
+            # on the loop's thread a call back into this store would wait for itself
+            result = await asyncio.to_thread(callback, payload)
+            if inspect.isawaitable(result):  # a coroutine function's: run it on the loop
+                await result
+
+        return self._store.on(event, off_the_loop)
+
     def create_session(
         self,
         *,
@@ -159,6 +186,22 @@ class SyncSessionStore:
         """Delete a session and its messages. Raises NotFound or VersionConflict."""
         return self._portal.call(
             self._store.delete_session(session_id, expected_version=expected_version)
+        )
+
+    def expire_session(
+        self,
+        session_id: str,
+        *,
+        expected_version: int | None = None,
+        last_seen: SessionSummary | None = None,
+    ) -> None:
+        """Delete a session that a lifetime policy ended (the sweeper's ``max_session_age``): as
+        ``delete_session``, but the ``expired`` hooks fire, with ``last_seen`` (the
+        session as the caller last read it) as their session."""
+        return self._portal.call(
+            self._store.expire_session(
+                session_id, expected_version=expected_version, last_seen=last_seen
+            )
         )
 
     def change_session(
