@@ -17,6 +17,7 @@ The CLI parses JSON text and nothing more: the store validates every value.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -44,7 +45,7 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import keys, legacy, transfer
+from . import keys, legacy, maintenance, transfer
 from .errors import InvalidInput, SessionKeeperError
 from .models import (
     UNSET,
@@ -426,21 +427,6 @@ def stats(
     _emit(figures, as_json, _stats_panel)
 
 
-@_command()
-def purge(
-    ctx: typer.Context,
-    all_tenants: Annotated[bool, typer.Option("--all-tenants", help="Every tenant's")] = False,
-    as_json: JsonFlag = False,
-) -> None:
-    """Delete expired sessions and their messages; print how many."""
-    with _store(ctx) as store:
-        purged = store.purge_expired(all_tenants=all_tenants)
-    where = "all tenants" if all_tenants else f"tenant {store.tenant}"
-    _emit(
-        {"purged": purged}, as_json, lambda _: Text(f"purged {purged} expired sessions in {where}")
-    )
-
-
 # --- guards: failed logins and budgets ---------------------------------------------------
 
 logins_app = typer.Typer(
@@ -750,6 +736,145 @@ def import_legacy_command(
 
     report = asyncio.run(run())
     _finish("import-legacy", report.to_dict(), as_json, EXIT_INVALID if report.skipped else 0)
+
+
+# --- lifecycle: archive, restore, purge ------------------------------------------------
+
+AllTenants = Annotated[bool, typer.Option("--all-tenants", help="Every tenant's")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Count and list; change nothing")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(metavar="N", show_default="purge_batch_size", help="Sessions listed per page"),
+]
+OlderThan = Annotated[
+    str | None,
+    typer.Option(
+        "--older-than",
+        metavar="DURATION",
+        help="Last activity longer ago than this: 45s, 30m, 12h, 90d, 2w",
+    ),
+]
+
+
+def _older_than(text: str | None) -> float | None:
+    return None if text is None else maintenance.parse_duration(text, "--older-than")
+
+
+@_command("archive")
+def archive_command(
+    ctx: typer.Context,
+    older_than: OlderThan = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", metavar="URL", help="Move them to this store instead"),
+    ] = None,
+    dry_run: DryRun = False,
+    all_tenants: AllTenants = False,
+    batch_size: BatchSize = None,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Archive the sessions with no activity for --older-than.
+
+    Their status becomes archived, or with --to they move to that store exactly as they
+    are, each deleted here only after its copy landed. Safe to run again, also after a
+    crash. `restore` brings one back.
+    """
+    if older_than is None:
+        raise InvalidInput("--older-than", "is required: how long without activity, like 90d")
+    seconds = maintenance.parse_duration(older_than, "--older-than")
+    target: _Target = ctx.obj
+
+    async def run() -> maintenance.ArchiveReport:
+        with _progress("archiving", not (no_progress or as_json)) as tell:
+            async with contextlib.AsyncExitStack() as stack:
+                store = await stack.enter_async_context(
+                    open_store(target.url, tenant=target.tenant)
+                )
+                archive_store = (
+                    None if to is None else await stack.enter_async_context(open_store(to))
+                )
+                return await maintenance.archive(
+                    store,
+                    older_than=seconds,
+                    to=archive_store,
+                    dry_run=dry_run,
+                    all_tenants=all_tenants,
+                    batch_size=batch_size,
+                    progress=tell,
+                )
+
+    report = asyncio.run(run())
+    _finish("archive", report.to_dict(), as_json, 0 if report.ok else EXIT_FAILED)
+
+
+@_command("restore")
+def restore_command(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(help="The archived session")],
+    source: Annotated[
+        str | None,
+        typer.Option("--from", metavar="URL", help="The store `archive --to` moved it to"),
+    ] = None,
+    dry_run: DryRun = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Bring an archived session back, active: from --from URL, or by its status."""
+    target: _Target = ctx.obj
+
+    async def run() -> maintenance.RestoreReport:
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(open_store(target.url, tenant=target.tenant))
+            archive_store = (
+                None if source is None else await stack.enter_async_context(open_store(source))
+            )
+            return await maintenance.restore(
+                store, session_id, source=archive_store, dry_run=dry_run
+            )
+
+    _finish("restore", asyncio.run(run()).to_dict(), as_json, 0)
+
+
+@_command()
+def purge(
+    ctx: typer.Context,
+    expired: Annotated[
+        bool, typer.Option("--expired", help="Sessions whose TTL ran out (without options too)")
+    ] = False,
+    older_than: OlderThan = None,
+    dry_run: DryRun = False,
+    all_tenants: AllTenants = False,
+    batch_size: BatchSize = None,
+    no_progress: NoProgress = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete sessions and their messages: expired ones, or with --older-than those with no
+    activity for that long (any status); print how many."""
+    seconds = _older_than(older_than)
+    target: _Target = ctx.obj
+    expired = expired or seconds is None
+
+    async def run() -> tuple[maintenance.PurgeReport, str]:
+        with _progress("purging", not (no_progress or as_json)) as tell:
+            async with open_store(target.url, tenant=target.tenant) as store:
+                report = await maintenance.purge(
+                    store,
+                    expired=expired,
+                    older_than=seconds,
+                    dry_run=dry_run,
+                    all_tenants=all_tenants,
+                    batch_size=batch_size,
+                    progress=tell,
+                )
+                return report, store.tenant
+
+    report, tenant = asyncio.run(run())
+    if seconds is None and not dry_run:  # the plain purge of expired sessions, as before
+        where = "all tenants" if all_tenants else f"tenant {tenant}"
+        text = f"purged {report.purged} expired sessions in {where}"
+        _emit({"purged": report.purged}, as_json, lambda _: Text(text))
+        return
+    _finish("purge", report.to_dict(), as_json, 0 if report.ok else EXIT_FAILED)
 
 
 # --- the HTTP service: serve, keys -----------------------------------------------------
