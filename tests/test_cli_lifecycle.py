@@ -155,6 +155,17 @@ def test_bad_durations_exit_2_naming_the_option(url: str, args: tuple[str, ...])
     assert statuses(url) == {"kept": "active"}
 
 
+def test_the_archive_must_be_another_store(url: str) -> None:
+    make_sessions(url, 100, "kept")
+    moved = run(url, "archive", "--older-than", "1d", "--to", url)
+    assert moved.exit_code == 2
+    assert moved.stderr.startswith("error: --to: is the store itself")
+    back = run(url, "restore", "kept", "--from", url)
+    assert back.exit_code == 2
+    assert back.stderr.startswith("error: --from: is the store itself")
+    assert statuses(url) == {"kept": "active"}
+
+
 def test_bad_batch_sizes_and_unknown_sessions(url: str) -> None:
     bad = run(url, "archive", "--older-than", "1d", "--batch-size", "0")
     assert bad.exit_code == 2

@@ -77,6 +77,8 @@ async def test_policies_check_their_arguments(store: SessionStore) -> None:
         ("batch_size", archive(store, older_than=1, batch_size=0)),
         ("concurrency", archive(store, older_than=1, concurrency=0)),
         ("older_than", purge(store)),
+        ("to", archive(store, older_than=1, to=store.for_tenant("other"))),
+        ("source", restore(store, "s1", source=store)),
     ]
     for field, call in cases:
         with pytest.raises(InvalidInput) as bad:

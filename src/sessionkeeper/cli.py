@@ -760,6 +760,12 @@ def _older_than(text: str | None) -> float | None:
     return None if text is None else maintenance.parse_duration(text, "--older-than")
 
 
+def _other_store(target: _Target, url: str | None, option: str) -> None:
+    """Refuse an archive URL that names the store itself (moving would delete)."""
+    if url is not None and url == (target.url or Settings().url):
+        raise InvalidInput(option, "is the store itself: name another store")
+
+
 @_command("archive")
 def archive_command(
     ctx: typer.Context,
@@ -784,6 +790,7 @@ def archive_command(
         raise InvalidInput("--older-than", "is required: how long without activity, like 90d")
     seconds = maintenance.parse_duration(older_than, "--older-than")
     target: _Target = ctx.obj
+    _other_store(target, to, "--to")
 
     async def run() -> maintenance.ArchiveReport:
         with _progress("archiving", not (no_progress or as_json)) as tell:
@@ -821,6 +828,7 @@ def restore_command(
 ) -> None:
     """Bring an archived session back, active: from --from URL, or by its status."""
     target: _Target = ctx.obj
+    _other_store(target, source, "--from")
 
     async def run() -> maintenance.RestoreReport:
         async with contextlib.AsyncExitStack() as stack:

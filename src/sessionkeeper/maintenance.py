@@ -109,6 +109,13 @@ async def _tenants(store: SessionStore, all_tenants: bool) -> list[SessionStore]
     return [store.for_tenant(t) for t in await store.list_tenants()]
 
 
+def _check_other(store: SessionStore, other: SessionStore, field: str) -> None:
+    """Refuse to move sessions between a store and itself: the copy would be the session,
+    and deleting the original would delete it."""
+    if other.engine is store.engine:
+        raise InvalidInput(field, "is the same store: name another one")
+
+
 def _failure(store: SessionStore, session_id: str, exc: SessionKeeperError) -> _Outcome:
     return "failed", 0, f"{store.tenant}/{session_id}: {exc}"
 
@@ -388,6 +395,8 @@ async def archive(
     seconds = _seconds(older_than, "older_than")
     size = _page_size(store, batch_size)
     window = _concurrency(concurrency)
+    if to is not None:
+        _check_other(store, to, "to")
     started = time.perf_counter()
     cutoff = store.clock.now() - seconds
     report = ArchiveReport(dry_run=dry_run, moved=to is not None, older_than=seconds)
@@ -451,6 +460,8 @@ async def restore(
     Safe to run again after a crash. Raises NotFound if neither has the session, and
     AlreadyExists if ``store`` has another live session with its id.
     """
+    if source is not None:
+        _check_other(store, source, "source")
     report = RestoreReport(store.tenant, session_id, dry_run=dry_run)
     if source is not None:
         archived = source.for_tenant(store.tenant)
