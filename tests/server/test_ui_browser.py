@@ -57,8 +57,9 @@ class Seeded:
 
 
 async def _seed(url: str) -> Seeded:
-    """acme: a trip (completed, with messages), a job post, a hotel search (archived), a
-    session whose title and messages are HTML, and 22 of carol's; globex: one secret plan."""
+    """acme: a trip (completed, with messages), a job post (105 messages), a hotel search
+    (archived), a session whose title and messages are HTML, and 22 of carol's; globex: one
+    secret plan."""
     now = time.time()
     clock = FrozenClock(now - 3 * DAY)
     created: list[float] = []
@@ -88,6 +89,8 @@ async def _seed(url: str) -> Seeded:
         )
         created.append(clock.now())
         await acme.append_message(job.id, "user", "Make it remote-friendly", input_tokens=9)
+        more = [{"role": "assistant", "content": f"Draft {n}"} for n in range(2, 106)]
+        await acme.append_messages(job.id, more)  # 105 in all: more than one page of 100
         clock.set(now - DAY)
         await acme.create_session(owner="alice", title="Lisbon hotels", status="archived")
         created.append(clock.now())
@@ -237,6 +240,16 @@ def test_admin_page_in_chromium(
     page.fill("#q-owner", "bob")
     page.click("#search button[type=submit]")
     expect(titles).to_have_text(["Job post: engineer"])
+    page.click("#session-rows button.open")  # its messages come a page of 100 at a time
+    messages = page.locator("#messages li.message")
+    expect(messages).to_have_count(100)
+    page.click("#more-messages")
+    expect(messages).to_have_count(105)
+    expect(messages.last).to_contain_text("Draft 105")
+    expect(page.locator("#more-messages")).to_be_hidden()
+    expect(page.locator("#session-metadata")).to_contain_text('"source": "web"')
+    page.click("#close-conversation")
+    expect(page.locator("#conversation")).to_be_hidden()
     page.fill("#q-owner", "")
     page.fill("#q-title", "secret plan")  # globex's
     page.click("#search button[type=submit]")
