@@ -378,3 +378,69 @@ class GuardRecord:
 #: if absent or expired) and returns the value to store (None deletes it), its expiry and
 #: a result for the caller. Engines that retry on conflict may call it more than once.
 GuardUpdate = Callable[[str | None], tuple[str | None, float | None, T]]
+
+
+#: The kinds of damage ``Engine.check`` looks for, in report order. ``seq_gaps`` and
+#: ``quarantined_file`` are reported, never repaired: pop leaves gaps by design, and a
+#: quarantined file is evidence for a person to read.
+CHECK_KINDS = (
+    "aggregates",
+    "seq_gaps",
+    "orphan_messages",
+    "missing_folder",
+    "dangling_index",
+    "quarantined_file",
+)
+REPORT_ONLY_KINDS = frozenset({"seq_gaps", "quarantined_file"})
+_CHECK_SAMPLES = 20  # subjects kept per kind; the counts count them all
+
+
+@dataclass(slots=True)
+class CheckCount:
+    """One kind of damage: how many found and repaired, and the first few subjects
+    (``tenant/session``, ``tenant/session#seq``, a key or a path)."""
+
+    kind: str
+    found: int = 0
+    repaired: int = 0
+    samples: list[str] = field(default_factory=list)
+
+
+def _check_counts() -> dict[str, CheckCount]:
+    return {kind: CheckCount(kind) for kind in CHECK_KINDS}
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """What ``Engine.check`` found and, with ``repair``, fixed, counted by kind."""
+
+    counts: dict[str, CheckCount] = field(default_factory=_check_counts)
+
+    def found(self, kind: str, subject: str, repaired: bool = False, times: int = 1) -> None:
+        count = self.counts[kind]
+        count.found += times
+        count.repaired += times if repaired else 0
+        if len(count.samples) < _CHECK_SAMPLES:
+            count.samples.append(subject)
+
+    def merge(self, other: CheckReport) -> None:
+        for kind, theirs in other.counts.items():
+            ours = self.counts[kind]
+            ours.found += theirs.found
+            ours.repaired += theirs.repaired
+            ours.samples.extend(theirs.samples[: _CHECK_SAMPLES - len(ours.samples)])
+
+
+@dataclass(slots=True)
+class DoctorReport:
+    """What ``Engine.doctor`` saw: versions, the settings that matter for durability,
+    sizes in bytes, row or key counts, missing indexes, and what to change."""
+
+    engine: str
+    server_version: str
+    schema_version: int | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    missing_indexes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)

@@ -19,6 +19,8 @@ import orjson
 from .. import rules
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -29,7 +31,7 @@ from ..models import (
     Stats,
 )
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Tally", "has_gap", "tally_differs"]
 
 T = TypeVar("T")
 
@@ -46,6 +48,31 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# What a session's messages add up to: count, input and output tokens, cost, lowest and
+# highest seq (0 and 0 without messages).
+Tally = tuple[int, int, int, float, int, int]
+
+
+def tally_differs(stored: tuple[int, int, int, float, int], tally: Tally) -> bool:
+    """Whether a session's stored ``(message_count, input_tokens, output_tokens, cost,
+    last_seq)`` disagree with its messages' ``tally``: a count or a sum that differs, or a
+    ``last_seq`` below a stored seq (pop leaves it above, which is right)."""
+    count, input_tokens, output_tokens, cost, _, high = tally
+    return (
+        stored[0] != count
+        or stored[1] != input_tokens
+        or stored[2] != output_tokens
+        or abs(stored[3] - cost) > 1e-9 * max(1.0, abs(cost))
+        or stored[4] < high
+    )
+
+
+def has_gap(tally: Tally) -> bool:
+    """Whether the seqs between the lowest and the highest miss some (legal after pop)."""
+    count, _, _, _, low, high = tally
+    return count > 0 and high - low + 1 != count
 
 
 class Engine(ABC):
@@ -248,6 +275,28 @@ class Engine(ABC):
         """Store a folder with its own id and ``created_at``. One with the id is kept and
         False returned, unless ``replace``, when its owner and name are overwritten.
         Raises AlreadyExists if another folder of the owner has the name."""
+
+    # --- check, repair and doctor -----------------------------------------------------
+
+    @abstractmethod
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        """Find (and with ``repair`` fix) damage in the storage of ``tenant``, or of every
+        tenant if None, a batch of sessions at a time, never every message at once.
+
+        ``aggregates``: a session whose counts, sums or ``last_seq`` disagree with its
+        messages; repair recomputes them from the messages (``last_seq`` never goes down)
+        and gives the session a new version. ``seq_gaps``: reported only. ``orphan_messages``
+        (messages of no session): repair deletes them. ``missing_folder``: a session whose
+        folder does not exist; repair clears its folder and keeps the session.
+        ``dangling_index``: an index entry of no session; repair removes it.
+        ``quarantined_file``: reported only. Each repair is atomic per session and
+        re-checks the damage inside its write, so a concurrent write is never undone.
+        Expired sessions are checked too: purge has not removed them yet."""
+
+    @abstractmethod
+    async def doctor(self, now: float) -> DoctorReport:
+        """The engine's versions, durability settings, sizes, counts, missing indexes,
+        schema version, and warnings that each say what to change. Changes nothing."""
 
     # --- guards: rate limits, failed logins, budgets ----------------------------------
     # A guard is a small JSON value under an opaque key of a tenant, with an expiry. Keys

@@ -94,6 +94,8 @@ from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -104,7 +106,7 @@ from ..models import (
     Stats,
 )
 from ..settings import Settings
-from .base import Engine
+from .base import Engine, Tally, has_gap, tally_differs
 
 __all__ = ["FORMAT", "FileLock", "FilesEngine"]
 
@@ -1895,6 +1897,147 @@ class FilesEngine(Engine):
     async def quarantined(self) -> list[Path]:
         """Files moved to ``quarantine/`` because they were damaged, relative to the root."""
         return await self._call(self._s_quarantined)
+
+    # --- check and doctor --------------------------------------------------------------
+
+    def _s_check(self, tenant: str | None, repair: bool) -> CheckReport:
+        report = CheckReport()
+        for name in [tenant] if tenant is not None else self._tenants():
+            tenant_dir = self._tenant_dir(name, create=False)
+            if tenant_dir is None:
+                continue
+            for record in self._scan(name):  # quarantines what it cannot read
+                self._check_session(self._where(tenant_dir, name, record.id), repair, report)
+            self._check_orphan_logs(tenant_dir, name, repair, report)
+        for path in self._s_quarantined():
+            if tenant is None or path.parts[1] == tenant:
+                report.found("quarantined_file", str(path))
+        return report
+
+    def _check_session(self, w: _Where, repair: bool, report: CheckReport) -> None:
+        """One session's aggregates against its log, and its folder; each repaired under
+        the session's stripe (and the tenant's lock, for the folder), after reading again."""
+        subject = f"{w.tenant}/{w.id}"
+        with self._locks.hold(w.stripe, repair):
+            loaded = self._load(w, repair)
+            if loaded is None:
+                return
+            head, state, fd = loaded
+            try:
+                messages = (
+                    []
+                    if fd is None or head.end == 0
+                    else _lines_from(fd, w.id, 0, head.end, 0, None)
+                )
+            except ValueError:
+                why = "a message line is damaged"
+                raise _Damaged("sessions", w.tenant, w.id, why, head.counter) from None
+            tally: Tally = (
+                len(messages),
+                sum(m.input_tokens for m in messages),
+                sum(m.output_tokens for m in messages),
+                sum(m.cost for m in messages),
+                messages[0].seq if messages else 0,
+                messages[-1].seq if messages else 0,
+            )
+            r = head.record
+            if has_gap(tally):
+                report.found("seq_gaps", subject)
+            stored = (r.message_count, r.input_tokens, r.output_tokens, r.cost, r.last_seq)
+            if tally_differs(stored, tally):
+                if repair:
+                    assert state is not None  # loaded with state when repairing
+                    new = dataclasses.replace(
+                        r,
+                        message_count=tally[0],
+                        input_tokens=tally[1],
+                        output_tokens=tally[2],
+                        cost=tally[3],
+                        last_seq=max(r.last_seq, tally[5]),
+                        version=r.version + 1,
+                    )
+                    self._save(w, new, state, head.end, sync_dir=True, size=head.size)
+                report.found("aggregates", subject, repair)
+            folder = r.folder
+        if folder is not None and self._read_folder(w.tenant, folder) is None:
+            fixed = repair and self._clear_folder(w, folder)
+            report.found("missing_folder", subject, fixed)
+
+    def _clear_folder(self, w: _Where, folder: str) -> bool:
+        with self._tenant_lock(w.tenant, False), self._locks.hold(w.stripe, True):
+            loaded = self._load(w, True)
+            if loaded is None or self._read_folder(w.tenant, folder) is not None:
+                return False
+            head, state, _ = loaded
+            if head.record.folder != folder:
+                return False
+            assert state is not None
+            new = dataclasses.replace(head.record, folder=None, version=head.record.version + 1)
+            self._save(w, new, state, head.end, sync_dir=True, size=head.size)
+            return True
+
+    def _check_orphan_logs(
+        self, tenant_dir: str, tenant: str, repair: bool, report: CheckReport
+    ) -> None:
+        """Logs with no record: what a delete that stopped between its two unlinks left."""
+        with os.scandir(f"{tenant_dir}/sessions") as entries:
+            logs = [
+                e.name[:-6]
+                for e in entries
+                if e.name.endswith(".jsonl") and rules.ID_PATTERN.fullmatch(e.name[:-6])
+            ]
+        for session_id in logs:
+            w = self._where(tenant_dir, tenant, session_id)
+            with self._locks.hold(w.stripe, repair):
+                if os.path.exists(w.record):
+                    continue
+                try:
+                    lines = _read_file(w.log).count(b"\n")
+                except FileNotFoundError:
+                    continue
+                if repair:
+                    self._forget_log(w)
+                    os.unlink(w.log)
+            report.found("orphan_messages", f"{tenant}/{session_id}", repair, lines)
+
+    def _s_doctor(self) -> DoctorReport:
+        sizes: dict[str, int] = {}
+        counts = {"tenants": 0, "sessions": 0, "folders": 0, "guards": 0, "quarantined": 0}
+        for part in ("tenants", "quarantine"):
+            total = 0
+            for parent, _, names in os.walk(f"{self.root}/{part}"):
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += os.stat(f"{parent}/{name}").st_size
+                    if part == "quarantine":
+                        counts["quarantined"] += 1
+                    elif name.endswith(".json"):
+                        kind = os.path.basename(parent)
+                        if kind in counts:
+                            counts[kind] += 1
+            sizes[part] = total
+        counts["tenants"] = len(self._tenants())
+        report = DoctorReport(
+            engine=self.name,
+            server_version=f"files format {FORMAT}",
+            schema_version=FORMAT,
+            settings={"fsync": "every write", "locks": "flock"},
+            sizes=sizes,
+            counts=counts,
+        )
+        if counts["quarantined"]:
+            report.warnings.append(
+                f"{counts['quarantined']} damaged files are in {self.root}/quarantine: read "
+                "them (`sessionkeeper check` lists them), recover what you can, then move "
+                "them away; sessionkeeper never deletes them"
+            )
+        return report
+
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        return await self._call(self._s_check, tenant, repair)
+
+    async def doctor(self, now: float) -> DoctorReport:
+        return await self._call(self._s_doctor)
 
     # --- the hooks ---------------------------------------------------------------------
 

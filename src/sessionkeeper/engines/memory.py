@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import platform
 import threading
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ from .. import rules
 from ..errors import AlreadyExists, NotFound
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -20,7 +23,7 @@ from ..models import (
     SessionRecord,
     Stats,
 )
-from .base import Engine, T
+from .base import Engine, T, Tally, has_gap, tally_differs
 
 __all__ = ["MemoryEngine"]
 
@@ -373,6 +376,79 @@ class MemoryEngine(Engine):
                 raise AlreadyExists(f"owner {record.owner!r} already has a folder {record.name!r}")
             space.folders[record.id] = dataclasses.replace(record, session_count=0)
             return True
+
+    # --- check and doctor --------------------------------------------------------------
+
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        report = CheckReport()
+        with self._lock:
+            names = [tenant] if tenant is not None else sorted(self._tenants)
+            for name in names:
+                self._check_tenant(name, self._tenant(name), repair, report)
+        return report
+
+    def _check_tenant(self, name: str, space: _Tenant, repair: bool, report: CheckReport) -> None:
+        for session_id in [sid for sid in space.messages if sid not in space.sessions]:
+            orphans = len(space.messages[session_id])
+            if repair:
+                del space.messages[session_id]
+            report.found("orphan_messages", f"{name}/{session_id}", repair, orphans)
+        for session_id, record in list(space.sessions.items()):
+            messages = space.messages.setdefault(session_id, [])
+            tally: Tally = (
+                len(messages),
+                sum(m.input_tokens for m in messages),
+                sum(m.output_tokens for m in messages),
+                sum(m.cost for m in messages),
+                messages[0].seq if messages else 0,
+                messages[-1].seq if messages else 0,
+            )
+            subject = f"{name}/{session_id}"
+            if has_gap(tally):
+                report.found("seq_gaps", subject)
+            stored = (
+                record.message_count,
+                record.input_tokens,
+                record.output_tokens,
+                record.cost,
+                record.last_seq,
+            )
+            if tally_differs(stored, tally):
+                if repair:
+                    record = dataclasses.replace(
+                        record,
+                        message_count=tally[0],
+                        input_tokens=tally[1],
+                        output_tokens=tally[2],
+                        cost=tally[3],
+                        last_seq=max(record.last_seq, tally[5]),
+                        version=record.version + 1,
+                    )
+                    space.sessions[session_id] = record
+                report.found("aggregates", subject, repair)
+            if record.folder is not None and record.folder not in space.folders:
+                if repair:
+                    space.sessions[session_id] = dataclasses.replace(
+                        record, folder=None, version=record.version + 1
+                    )
+                report.found("missing_folder", subject, repair)
+
+    async def doctor(self, now: float) -> DoctorReport:
+        with self._lock:
+            spaces = list(self._tenants.values())
+            counts = {
+                "tenants": len(spaces),
+                "sessions": sum(len(s.sessions) for s in spaces),
+                "messages": sum(len(m) for s in spaces for m in s.messages.values()),
+                "folders": sum(len(s.folders) for s in spaces),
+                "guards": sum(len(s.guards) for s in spaces),
+            }
+        return DoctorReport(
+            engine=self.name,
+            server_version=f"python {platform.python_version()}",
+            settings={"durability": "none: the data is gone when the process ends"},
+            counts=counts,
+        )
 
     # --- guards ------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -42,7 +44,7 @@ from ..models import (
     Stats,
 )
 from ..settings import Settings
-from .base import Engine
+from .base import Engine, Tally, has_gap, tally_differs
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -220,6 +222,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+
+# The indexes the migrations leave, which doctor looks for in the catalog.
+def _index_names(pattern: str) -> list[str]:
+    statements = (statement for group in MIGRATIONS.values() for statement in group)
+    return [found[1] for statement in statements if (found := re.match(pattern, statement))]
+
+
+_DROPPED_INDEXES = set(_index_names(r"DROP INDEX \{s\}\.(\w+)"))
+EXPECTED_INDEXES = tuple(
+    name for name in _index_names(r"CREATE (?:UNIQUE )?INDEX (\w+)") if name not in _DROPPED_INDEXES
+)
+_CHECK_BATCH = 500
+_TALLY = (
+    "count(*), coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint, "
+    "coalesce(sum(cost), 0.0), coalesce(min(seq), 0), coalesce(max(seq), 0)"
+)
 
 _LIVE = "(s.expires_at IS NULL OR s.expires_at > {now})"
 # rules.renewed_expiry in SQL. LEAST and GREATEST skip NULLs, so a NULL deadline or
@@ -1646,6 +1665,161 @@ class PostgresEngine(Engine):
             return loaded is not None
 
         return await self._run(job)
+
+    # --- check and doctor --------------------------------------------------------------
+
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        s = _quote(self.schema)
+        where = "pk > $1" + ("" if tenant is None else " AND tenant = $3")
+        batch_sql = (
+            "SELECT s.pk, s.tenant, s.id, s.message_count, s.input_tokens, s.output_tokens, "
+            "s.cost, s.last_seq, m.*, s.folder IS NOT NULL AND NOT EXISTS "
+            f"(SELECT 1 FROM {s}.folders f WHERE f.tenant = s.tenant AND f.id = s.folder) "
+            f"FROM (SELECT * FROM {s}.sessions WHERE {where} ORDER BY pk LIMIT $2) s "
+            f"CROSS JOIN LATERAL (SELECT {_TALLY} FROM {s}.messages "
+            "WHERE session_pk = s.pk) m ORDER BY s.pk"
+        )
+        report = CheckReport()
+        after = 0
+        while rows := await self._fetch(
+            batch_sql, after, _CHECK_BATCH, *(() if tenant is None else (tenant,))
+        ):
+            after = rows[-1][0]
+            for row in rows:
+                subject = f"{row[1]}/{row[2]}"
+                stored = (row[3], row[4], row[5], row[6], row[7])
+                tally: Tally = (row[8], row[9], row[10], row[11], row[12], row[13])
+                if has_gap(tally):
+                    report.found("seq_gaps", subject)
+                if tally_differs(stored, tally):
+                    fixed = repair and await self._transact(
+                        functools.partial(self._fix_aggregates, row[0])
+                    )
+                    report.found("aggregates", subject, fixed)
+                if row[14]:
+                    fixed = repair and await self._fix_folder(row[0])
+                    report.found("missing_folder", subject, fixed)
+        if tenant is None:  # messages of no session have no tenant either
+            after = 0
+            orphans_sql = (
+                f"SELECT session_pk, count(*) FROM {s}.messages m WHERE session_pk > $1 "
+                f"AND NOT EXISTS (SELECT 1 FROM {s}.sessions WHERE pk = m.session_pk) "
+                "GROUP BY session_pk ORDER BY session_pk LIMIT $2"
+            )
+            while orphans := await self._fetch(orphans_sql, after, _CHECK_BATCH):
+                after = orphans[-1][0]
+                for session_pk, count in orphans:
+                    if repair:
+                        await self._drop_orphans(session_pk)
+                    report.found("orphan_messages", f"session pk {session_pk}", repair, count)
+        return report
+
+    async def _fix_aggregates(self, pk: int, conn: Connection) -> bool:
+        """Recompute a session's aggregates from its messages, with its row locked (as
+        appends lock it), if they still disagree."""
+        s = _quote(self.schema)
+        row = await conn.fetchrow(
+            "SELECT message_count, input_tokens, output_tokens, cost, last_seq "
+            f"FROM {s}.sessions WHERE pk = $1 FOR UPDATE",
+            pk,
+        )
+        tally = await conn.fetchrow(f"SELECT {_TALLY} FROM {s}.messages WHERE session_pk = $1", pk)
+        if row is None or tally is None or not tally_differs(tuple(row), tuple(tally)):
+            return False
+        await conn.execute(
+            f"UPDATE {s}.sessions SET message_count = $2, input_tokens = $3, output_tokens = $4, "
+            "cost = $5, last_seq = greatest(last_seq, $6), version = version + 1 WHERE pk = $1",
+            pk,
+            tally[0],
+            tally[1],
+            tally[2],
+            tally[3],
+            tally[5],
+        )
+        return True
+
+    async def _fix_folder(self, pk: int) -> bool:
+        s = _quote(self.schema)
+
+        async def run(conn: Connection) -> bool:
+            done = await conn.execute(
+                f"UPDATE {s}.sessions SET folder = NULL, version = version + 1 WHERE pk = $1 "
+                f"AND folder IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {s}.folders f "
+                f"WHERE f.tenant = {s}.sessions.tenant AND f.id = {s}.sessions.folder)",
+                pk,
+            )
+            return bool(done == "UPDATE 1")
+
+        return await self._run(run)
+
+    async def _drop_orphans(self, session_pk: int) -> None:
+        s = _quote(self.schema)
+
+        async def run(conn: Connection) -> None:
+            for table in ("messages", "states"):
+                await conn.execute(
+                    f"DELETE FROM {s}.{table} WHERE session_pk = $1 "
+                    f"AND NOT EXISTS (SELECT 1 FROM {s}.sessions WHERE pk = $1)",
+                    session_pk,
+                )
+
+        await self._run(run)
+
+    async def doctor(self, now: float) -> DoctorReport:
+        s = _quote(self.schema)
+        tables = ("sessions", "states", "messages", "folders", "activity", "guards")
+
+        async def run(conn: Connection) -> DoctorReport:
+            version = await conn.fetchval("SHOW server_version")
+            names = ("synchronous_commit", "fsync", "full_page_writes")
+            settings = {name: str(await conn.fetchval(f"SHOW {name}")) for name in names}
+            present = {
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT indexname FROM pg_indexes WHERE schemaname = $1", self.schema
+                )
+            }
+            report = DoctorReport(
+                engine=self.name,
+                server_version=f"PostgreSQL {version}",
+                schema_version=await conn.fetchval(f"SELECT max(version) FROM {s}.schema_version"),
+                settings=settings,
+                sizes={
+                    table: await conn.fetchval(
+                        "SELECT pg_total_relation_size($1::regclass)", f"{s}.{table}"
+                    )
+                    for table in tables
+                },
+                counts={
+                    table: await conn.fetchval(f"SELECT count(*) FROM {s}.{table}")
+                    for table in tables
+                },
+                missing_indexes=[name for name in EXPECTED_INDEXES if name not in present],
+            )
+            return report
+
+        report = await self._run(run)
+        if report.settings["fsync"] == "off":
+            report.warnings.append(
+                "fsync is off: a crash of the server's machine can lose committed writes and "
+                "corrupt the database; set fsync = on in postgresql.conf"
+            )
+        if report.settings["synchronous_commit"] == "off":
+            report.warnings.append(
+                "synchronous_commit is off: the last acknowledged writes are lost if the "
+                "server crashes; set synchronous_commit = on (ALTER DATABASE ... SET)"
+            )
+        for name in report.missing_indexes:
+            report.warnings.append(
+                f"index {name} is missing: the queries it serves scan the table; recreate "
+                "it (CREATE INDEX as in sessionkeeper's schema)"
+            )
+        if report.schema_version != SCHEMA_VERSION:
+            report.warnings.append(
+                f"schema version {report.schema_version}, this sessionkeeper expects "
+                f"{SCHEMA_VERSION}: open the store once with this version to upgrade it"
+            )
+        return report
 
     # --- guards ------------------------------------------------------------------------
 

@@ -80,6 +80,8 @@ from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -90,7 +92,7 @@ from ..models import (
     Stats,
 )
 from ..settings import Settings
-from .base import Engine
+from .base import Engine, Tally, has_gap, tally_differs
 from .memory import MemoryEngine
 
 __all__ = ["RedisEngine"]
@@ -946,6 +948,11 @@ def _message(session_id: str, member: str) -> MessageRecord:
 # --- keys -------------------------------------------------------------------------------
 
 
+def _queue_hexists(key: str, fields: list[str], pipe: _Pipe) -> None:
+    for name in fields:
+        pipe.hexists(key, name)
+
+
 def _member_key(value: str | None) -> str:
     return "-" if value is None else f"={value}"
 
@@ -1062,6 +1069,32 @@ class _Connection(Connection):
 
 # OSError covers socket errors and TimeoutError; RedisClusterException is not a RedisError.
 _DRIVER_ERRORS = (RedisError, RedisClusterException, OSError)
+
+# check's repairs, each guarded by what it saw, so a write that came between is never
+# undone: the aggregates by the version they were counted at; the others by the session
+# still being absent (orphans) or its folder still missing.
+_FIX_AGGREGATES = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'message_count', ARGV[2], 'input_tokens', ARGV[3],
+  'output_tokens', ARGV[4], 'cost', ARGV[5], 'version', tonumber(ARGV[1]) + 1)
+if tonumber(ARGV[6]) > tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') then
+  redis.call('HSET', KEYS[1], 'last_seq', ARGV[6])
+end
+return 1
+"""
+_FIX_FOLDER = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'folder')
+redis.call('HSET', KEYS[1], 'version', tonumber(ARGV[1]) + 1)
+return 1
+"""
+_DROP_ORPHANS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+return 1
+"""
+# Eviction policies that never drop a key: any other one drops sessions when memory fills.
+_SAFE_POLICIES = frozenset({"noeviction"})
 _GUARD_ATTEMPTS = 10_000  # compare-and-set rounds before a guard update gives up
 
 
@@ -2092,6 +2125,185 @@ class RedisEngine(Engine):
                 pipe.zrem(t.expiry, sid)
             else:
                 pipe.zadd(t.expiry, {sid: float(reply[1])}, xx=True)
+
+    # --- check and doctor --------------------------------------------------------------
+
+    @_hook
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        names = (
+            [tenant]
+            if tenant is not None
+            else cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
+        )
+        report = CheckReport()
+        for name in names:
+            await self._check_entries(name, repair, report)
+            await self._check_created(name, repair, report)
+            await self._check_orphans(name, repair, report)
+        return report
+
+    async def _check_entries(self, tenant: str, repair: bool, report: CheckReport) -> None:
+        """Every session the entries hash names: dangling entries, aggregates, folders."""
+        t = self._tenant(tenant)
+        cursor = 0
+        while True:
+            cursor, found = await self._redis.hscan(t.entries, cursor, count=_BATCH)
+            batch = cast("dict[str, str]", found)
+            ids = list(batch)
+            records = await self._load(tenant, ids)
+            for sid, record in zip(ids, records, strict=True):
+                subject = f"{tenant}/{sid}"
+                if record is None:
+                    fixed = repair and await self._drop_dangling(tenant, sid, batch[sid])
+                    report.found("dangling_index", subject, fixed)
+                    continue
+                await self._check_session(record, repair, report)
+            if not cursor:
+                return
+
+    async def _check_created(self, tenant: str, repair: bool, report: CheckReport) -> None:
+        """Entries of by-created whose session is gone and that the entries hash lost."""
+        t = self._tenant(tenant)
+        cursor = 0
+        while True:
+            cursor, page = await self._redis.zscan(t.created, cursor, count=_BATCH)
+            ids = [cast("str", sid) for sid, _ in page]
+            records = await self._load(tenant, ids)
+            gone = [sid for sid, r in zip(ids, records, strict=True) if r is None]
+            known = await self._run(functools.partial(_queue_hexists, t.entries, gone))
+            for sid, in_entries in zip(gone, known, strict=True):
+                if not in_entries:
+                    fixed = repair and await self._drop_dangling(tenant, sid, None)
+                    report.found("dangling_index", f"{tenant}/{sid}", fixed)
+            if not cursor:
+                return
+
+    async def _drop_dangling(self, tenant: str, session_id: str, entry: str | None) -> bool:
+        """Remove a gone session's index entries; put them back if it came back meanwhile."""
+        t = self._tenant(tenant)
+        owner, folder, status = (None, None, "") if entry is None else _from_entry(entry)
+        await self._run(lambda pipe: self._unindex(pipe, t, session_id, owner, folder, status))
+        [record] = await self._load(tenant, [session_id])
+        if record is not None:
+            await self._run(lambda pipe: _queue_adds(self._insert_adds(record, ""), pipe))
+            return False
+        return True
+
+    async def _check_session(self, r: SessionRecord, repair: bool, report: CheckReport) -> None:
+        subject = f"{r.tenant}/{r.id}"
+        msgs = self._session_keys(r.tenant, r.id)[2]
+        count = input_tokens = output_tokens = low = high = 0
+        cost = 0.0
+        start = 0
+        while chunk := cast("list[str]", await self._redis.zrange(msgs, start, start + _BATCH - 1)):
+            for member in chunk:
+                m = _message(r.id, member)
+                count += 1
+                input_tokens += m.input_tokens
+                output_tokens += m.output_tokens
+                cost += m.cost
+                low = low or m.seq
+                high = m.seq
+            start += len(chunk)
+        tally: Tally = (count, input_tokens, output_tokens, cost, low, high)
+        if has_gap(tally):
+            report.found("seq_gaps", subject)
+        stored = (r.message_count, r.input_tokens, r.output_tokens, r.cost, r.last_seq)
+        meta = self._meta(r.tenant, r.id)
+        if tally_differs(stored, tally):
+            fixed = repair and bool(
+                await self._redis.eval(
+                    _FIX_AGGREGATES,
+                    1,
+                    meta,
+                    str(r.version),
+                    str(count),
+                    str(input_tokens),
+                    str(output_tokens),
+                    repr(cost),
+                    str(high),
+                )
+            )
+            report.found("aggregates", subject, fixed)
+            r.version += fixed
+        t = self._tenant(r.tenant)
+        if r.folder is not None and not await self._redis.exists(t.folder(r.folder)):
+            fixed = repair and bool(await self._redis.eval(_FIX_FOLDER, 1, meta, str(r.version)))
+            if fixed:
+                entry = _entry(r.owner, None, r.status)
+
+                def queue(pipe: _Pipe) -> None:
+                    pipe.zrem(t.in_folder(r.folder), r.id)
+                    pipe.zadd(t.in_folder(None), {r.id: r.created_at})
+                    pipe.hset(t.entries, r.id, entry)
+
+                await self._run(queue)
+            report.found("missing_folder", subject, fixed)
+
+    async def _check_orphans(self, tenant: str, repair: bool, report: CheckReport) -> None:
+        """Message sets whose session's meta is gone (a scan of the tenant's keys)."""
+        pattern = f"{self._options.prefix}{{{tenant}/*}}:msgs"
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            meta, state = f"{key[:-5]}:meta", f"{key[:-5]}:state"
+            if await self._redis.exists(meta):
+                continue
+            count = await self._redis.zcard(key)
+            fixed = repair and bool(await self._redis.eval(_DROP_ORPHANS, 3, meta, key, state))
+            session_id = key[key.index("/") + 1 : -6]
+            report.found("orphan_messages", f"{tenant}/{session_id}", fixed, count)
+
+    @_hook
+    async def doctor(self, now: float) -> DoctorReport:
+        client = self._redis
+        nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        report = DoctorReport(engine=self.name, server_version="")
+        versions, used, keys = set(), 0, 0
+        for node in nodes:
+            where = {} if node is None else {"target_nodes": node}
+            info = await client.info("server", **where)
+            memory = await client.info("memory", **where)
+            versions.add(f"Redis {info['redis_version']}")
+            used += int(memory["used_memory"])
+            keys += int(await client.dbsize(**where))
+            try:
+                config = await client.config_get("*", **where)
+            except ResponseError as exc:  # managed services often refuse CONFIG
+                report.warnings.append(
+                    f"the server's settings cannot be read ({exc}): check by hand that "
+                    "maxmemory-policy is noeviction and appendonly is yes"
+                )
+                continue
+            for name in ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy"):
+                report.settings[name] = str(config.get(name, ""))
+        report.server_version = ", ".join(sorted(versions))
+        report.sizes["used_memory"] = used
+        tenants = cast("list[str]", await client.zrange(self._registry, 0, -1))
+        sessions = await self._run(
+            lambda pipe: [pipe.zcard(self._tenant(name).created) for name in tenants]
+        )
+        folders = await self._run(
+            lambda pipe: [pipe.scard(self._tenant(name).folders) for name in tenants]
+        )
+        report.counts = {
+            "tenants": len(tenants),
+            "sessions": sum(sessions),
+            "folders": sum(folders),
+            "keys_in_database": keys,
+        }
+        settings = report.settings
+        policy = settings.get("maxmemory-policy")
+        if policy is not None and policy not in _SAFE_POLICIES:
+            report.warnings.append(
+                f"maxmemory-policy is {policy}: when memory fills up Redis evicts keys, and "
+                "here every key is part of a session; set maxmemory-policy noeviction"
+            )
+        if settings.get("appendonly") == "no":
+            report.warnings.append(
+                "appendonly is no: a restart loses every write since the last snapshot"
+                + ("" if settings.get("save") else " (and snapshots are off: everything)")
+                + "; set appendonly yes"
+            )
+        return report
 
     # --- transfer ----------------------------------------------------------------------
 

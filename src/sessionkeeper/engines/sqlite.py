@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import queue
+import re
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -31,6 +33,8 @@ from ..errors import (
 )
 from ..models import (
     Change,
+    CheckReport,
+    DoctorReport,
     FolderRecord,
     GuardRecord,
     GuardUpdate,
@@ -42,7 +46,7 @@ from ..models import (
     Stats,
 )
 from ..settings import Settings
-from .base import Engine, T
+from .base import Engine, T, Tally, has_gap, tally_differs
 
 __all__ = ["SCHEMA_VERSION", "SQLiteEngine", "list_sql"]
 
@@ -114,6 +118,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
+# The indexes the migrations create, which doctor looks for in the catalog.
+EXPECTED_INDEXES = tuple(
+    found[1]
+    for statements in _MIGRATIONS.values()
+    for statement in statements
+    if (found := re.match(r"CREATE (?:UNIQUE )?INDEX (\w+)", statement))
+)
+_CHECK_BATCH = 500
+_SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
 _RECORD = (
     "s.tenant, s.id, s.owner, s.folder, s.title, s.status, s.step, s.metadata, {state}, "
@@ -758,6 +771,40 @@ class SQLiteEngine(Engine):
         finally:
             partial_path.unlink(missing_ok=True)
 
+    # --- check and doctor --------------------------------------------------------------
+
+    async def check(self, tenant: str | None, now: float, repair: bool) -> CheckReport:
+        report = CheckReport()
+        after = 0
+        while True:
+            rows = await self._read(partial(_r_check_batch, tenant, after))
+            if not rows:
+                break
+            after = rows[-1][0]
+            for pk, name, session_id, stored, tally, folder_lost in rows:
+                subject = f"{name}/{session_id}"
+                if has_gap(tally):
+                    report.found("seq_gaps", subject)
+                if tally_differs(stored, tally):
+                    fixed = repair and await self._write(partial(_w_fix_aggregates, pk))
+                    report.found("aggregates", subject, fixed)
+                if folder_lost:
+                    fixed = repair and await self._write(partial(_w_fix_folder, pk))
+                    report.found("missing_folder", subject, fixed)
+        if tenant is None:  # messages of no session have no tenant either
+            after = 0
+            while orphans := await self._read(partial(_r_orphans, after)):
+                after = orphans[-1][0]
+                for session_pk, count in orphans:
+                    fixed = repair and await self._write(partial(_w_drop_orphans, session_pk))
+                    report.found("orphan_messages", f"session pk {session_pk}", fixed, count)
+        return report
+
+    async def doctor(self, now: float) -> DoctorReport:
+        report: DoctorReport = await self._read(_r_doctor)
+        report.sizes = await asyncio.to_thread(_file_sizes, self.path)
+        return report
+
     # --- guards ------------------------------------------------------------------------
 
     async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:
@@ -1186,3 +1233,130 @@ def _w_update_guard(
             (tenant, key, value, expires_at),
         )
     return result
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    sizes = {}
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            sizes[f"file{suffix}"] = os.path.getsize(f"{path}{suffix}")
+    return sizes
+
+
+def _r_check_batch(
+    tenant: str | None, after: int, conn: sqlite3.Connection
+) -> list[tuple[int, str, str, tuple[int, int, int, float, int], Tally, bool]]:
+    """The next sessions by pk, with what their messages add up to (one GROUP BY)."""
+    where = "pk > ?" + ("" if tenant is None else " AND tenant = ?")
+    args: tuple[Any, ...] = (after,) if tenant is None else (after, tenant)
+    rows = conn.execute(
+        "SELECT s.pk, s.tenant, s.id, s.message_count, s.input_tokens, s.output_tokens, "
+        "s.cost, s.last_seq, count(m.seq), coalesce(sum(m.input_tokens), 0), "
+        "coalesce(sum(m.output_tokens), 0), coalesce(sum(m.cost), 0.0), "
+        "coalesce(min(m.seq), 0), coalesce(max(m.seq), 0), "
+        "s.folder IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM folders f WHERE f.tenant = s.tenant AND f.id = s.folder) "
+        f"FROM (SELECT * FROM sessions WHERE {where} ORDER BY pk LIMIT ?) s "
+        "LEFT JOIN messages m ON m.session_pk = s.pk GROUP BY s.pk ORDER BY s.pk",
+        (*args, _CHECK_BATCH),
+    ).fetchall()
+    return [(r[0], r[1], r[2], tuple(r[3:8]), tuple(r[8:14]), bool(r[14])) for r in rows]
+
+
+def _w_fix_aggregates(pk: int, conn: sqlite3.Connection) -> bool:
+    """Recompute a session's aggregates from its messages, if they still disagree."""
+    row = conn.execute(
+        "SELECT message_count, input_tokens, output_tokens, cost, last_seq FROM sessions "
+        "WHERE pk = ?",
+        (pk,),
+    ).fetchone()
+    tally = conn.execute(
+        "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), "
+        "coalesce(sum(cost), 0.0), coalesce(min(seq), 0), coalesce(max(seq), 0) "
+        "FROM messages WHERE session_pk = ?",
+        (pk,),
+    ).fetchone()
+    if row is None or not tally_differs(tuple(row), tuple(tally)):
+        return False
+    conn.execute(
+        "UPDATE sessions SET message_count = ?, input_tokens = ?, output_tokens = ?, "
+        "cost = ?, last_seq = max(last_seq, ?), version = version + 1 WHERE pk = ?",
+        (tally[0], tally[1], tally[2], tally[3], tally[5], pk),
+    )
+    return True
+
+
+def _w_fix_folder(pk: int, conn: sqlite3.Connection) -> bool:
+    """Take a session out of a folder that does not exist (any more)."""
+    return (
+        conn.execute(
+            "UPDATE sessions SET folder = NULL, version = version + 1 WHERE pk = ? "
+            "AND folder IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM folders f WHERE f.tenant = sessions.tenant AND f.id = sessions.folder)",
+            (pk,),
+        ).rowcount
+        == 1
+    )
+
+
+def _r_orphans(after: int, conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    return conn.execute(
+        "SELECT session_pk, count(*) FROM messages WHERE session_pk > ? "
+        "AND session_pk NOT IN (SELECT pk FROM sessions) "
+        "GROUP BY session_pk ORDER BY session_pk LIMIT ?",
+        (after, _CHECK_BATCH),
+    ).fetchall()
+
+
+def _w_drop_orphans(session_pk: int, conn: sqlite3.Connection) -> bool:
+    conn.execute(
+        "DELETE FROM messages WHERE session_pk = ? "
+        "AND NOT EXISTS (SELECT 1 FROM sessions WHERE pk = ?)",
+        (session_pk, session_pk),
+    )
+    conn.execute(
+        "DELETE FROM states WHERE session_pk = ? "
+        "AND NOT EXISTS (SELECT 1 FROM sessions WHERE pk = ?)",
+        (session_pk, session_pk),
+    )
+    return True
+
+
+def _r_doctor(conn: sqlite3.Connection) -> DoctorReport:
+    journal = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    synchronous = _SYNCHRONOUS.get(conn.execute("PRAGMA synchronous").fetchone()[0], "?")
+    present = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    report = DoctorReport(
+        engine="sqlite",
+        server_version=f"SQLite {sqlite3.sqlite_version}",
+        schema_version=conn.execute("SELECT max(version) FROM schema_version").fetchone()[0],
+        settings={"journal_mode": journal, "synchronous": synchronous},
+        counts={
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("sessions", "messages", "folders", "guards")
+        },
+        missing_indexes=[name for name in EXPECTED_INDEXES if name not in present],
+    )
+    if journal != "wal":
+        report.warnings.append(
+            f"journal_mode is {journal}: readers and the writer block each other; "
+            "sessionkeeper sets WAL when it opens the file, so something else changed it"
+        )
+    if synchronous == "off":
+        report.warnings.append(
+            "synchronous is off: a crash of the machine can lose or corrupt committed "
+            "writes; set SESSIONKEEPER_SQLITE_SYNCHRONOUS=normal (or full)"
+        )
+    for name in report.missing_indexes:
+        report.warnings.append(
+            f"index {name} is missing: the queries it serves scan the table; recreate it "
+            "(CREATE INDEX as in sessionkeeper's schema) or restore from a backup"
+        )
+    if report.schema_version != SCHEMA_VERSION:
+        report.warnings.append(
+            f"schema version {report.schema_version}, this sessionkeeper expects "
+            f"{SCHEMA_VERSION}: open the store once with this version to upgrade it"
+        )
+    return report
