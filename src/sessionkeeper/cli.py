@@ -45,7 +45,7 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from . import keys, legacy, maintenance, transfer
+from . import checks, keys, legacy, maintenance, transfer
 from .errors import InvalidInput, SessionKeeperError
 from .models import (
     UNSET,
@@ -694,6 +694,60 @@ def backup_command(
                 return await transfer.backup(store, dest, progress=tell)
 
     _finish("backup", asyncio.run(run()).to_dict(), as_json, 0)
+
+
+@_command("check")
+def check_command(
+    ctx: typer.Context,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed")] = False,
+    all_tenants: Annotated[
+        bool, typer.Option("--all-tenants", help="Check every tenant, not only --tenant")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Find damage and, with --repair, fix it (exit 1 if any is left).
+
+    Aggregates that disagree with the messages, messages of no session, sessions in a
+    folder that is gone, index entries of no session (Redis) and quarantined files (files
+    engine); seq gaps are listed, never renumbered. A repair never deletes what a session
+    holds; quarantined files are only listed.
+    """
+    target: _Target = ctx.obj
+
+    async def run() -> checks.CheckResult:
+        async with open_store(target.url, tenant=target.tenant) as store:
+            return await checks.check(store, repair=repair, all_tenants=all_tenants)
+
+    result = asyncio.run(run())
+    _emit(result.to_dict(), as_json, _check_view)
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _check_view(data: dict[str, Any]) -> RenderableType:
+    table = _table("=damage", "found", "repaired", "examples")
+    for kind, count in data["counts"].items():
+        repaired = str(count["repaired"]) if count["repairable"] else "never"
+        table.add_row(
+            kind.replace("_", " "), str(count["found"]), repaired, "\n".join(count["samples"][:5])
+        )
+    scope = "every tenant" if data["tenant"] is None else f"tenant {data['tenant']}"
+    verdict = "nothing left to fix" if data["ok"] else f"{data['left']} left to fix"
+    return Group(Text(f"{data['engine']}, {scope}: {verdict}"), table)
+
+
+@_command("doctor")
+def doctor_command(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """The engine's version, durability settings, sizes, counts, missing indexes, schema
+    version, and a verdict with what to change (exit 1 on warnings)."""
+    target: _Target = ctx.obj
+
+    async def run() -> checks.DoctorResult:
+        async with open_store(target.url, tenant=target.tenant) as store:
+            return await checks.doctor(store)
+
+    result = asyncio.run(run())
+    _finish("doctor", result.to_dict(), as_json, 0 if result.ok else EXIT_FAILED)
 
 
 @_command("import-legacy")
