@@ -87,14 +87,17 @@ class Damage:
         else:
             await self._sql(f"DELETE FROM {{s}}sessions WHERE id = '{session_id}'")
 
-    async def dangling_index(self, session_id: str) -> None:
+    async def dangling_index(self, session_id: str, lost_entry: bool = False) -> None:
         """Index entries left of a session whose keys are gone (only Redis has indexes
-        apart from its records)."""
+        apart from its records); ``lost_entry``: the hash that says where they are lost
+        its field too."""
         e = self.engine
         if not isinstance(e, RedisEngine):
             pytest.skip(f"{e.name} keeps no index apart from its records")
         for key in e._session_keys(self.tenant, session_id):
             await e._redis.delete(key)
+        if lost_entry:
+            await e._redis.hdel(e._tenant(self.tenant).entries, session_id)
 
     def quarantine(self, session_id: str) -> None:
         """A record that is not JSON (only the files engine quarantines)."""
@@ -232,10 +235,12 @@ async def test_orphan_messages_are_deleted_by_repair(store: SessionStore, damage
 async def test_index_entries_of_no_session_are_removed(store: SessionStore, damage: Damage) -> None:
     kept = await conversation(store, owner="ann")
     session_id = await conversation(store, owner="ann")
+    other = await conversation(store)
     await damage.dangling_index(session_id)
+    await damage.dangling_index(other, lost_entry=True)
 
-    assert counts(await checks.check(store)) == {"dangling_index": (1, 0)}
-    assert counts(await checks.check(store, repair=True)) == {"dangling_index": (1, 1)}
+    assert counts(await checks.check(store)) == {"dangling_index": (2, 0)}
+    assert counts(await checks.check(store, repair=True)) == {"dangling_index": (2, 2)}
     assert counts(await checks.check(store)) == {}
     assert [s.id for s in (await store.list_sessions(owner="ann")).items] == [kept]
 

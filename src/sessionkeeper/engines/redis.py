@@ -1095,6 +1095,7 @@ return 1
 """
 # Eviction policies that never drop a key: any other one drops sessions when memory fills.
 _SAFE_POLICIES = frozenset({"noeviction"})
+_CHECK_ATTEMPTS = 3  # counts of one session's messages before check leaves it be
 _GUARD_ATTEMPTS = 10_000  # compare-and-set rounds before a guard update gives up
 
 
@@ -2189,15 +2190,14 @@ class RedisEngine(Engine):
             return False
         return True
 
-    async def _check_session(self, r: SessionRecord, repair: bool, report: CheckReport) -> None:
-        subject = f"{r.tenant}/{r.id}"
-        msgs = self._session_keys(r.tenant, r.id)[2]
+    async def _tally(self, session_id: str, msgs: str) -> Tally:
+        """What a session's messages add up to, read a page at a time."""
         count = input_tokens = output_tokens = low = high = 0
         cost = 0.0
         start = 0
         while chunk := cast("list[str]", await self._redis.zrange(msgs, start, start + _BATCH - 1)):
             for member in chunk:
-                m = _message(r.id, member)
+                m = _message(session_id, member)
                 count += 1
                 input_tokens += m.input_tokens
                 output_tokens += m.output_tokens
@@ -2205,11 +2205,26 @@ class RedisEngine(Engine):
                 low = low or m.seq
                 high = m.seq
             start += len(chunk)
-        tally: Tally = (count, input_tokens, output_tokens, cost, low, high)
+        return count, input_tokens, output_tokens, cost, low, high
+
+    async def _check_session(self, r: SessionRecord, repair: bool, report: CheckReport) -> None:
+        subject = f"{r.tenant}/{r.id}"
+        meta, _, msgs = self._session_keys(r.tenant, r.id)
+        # The pages are read apart: count again if a write moved the version meanwhile.
+        for _ in range(_CHECK_ATTEMPTS):
+            tally = await self._tally(r.id, msgs)
+            if await self._redis.hget(meta, "version") == str(r.version):
+                break
+            [found] = await self._load(r.tenant, [r.id])
+            if found is None:
+                return
+            r = found
+        else:
+            return  # too busy to count now: the next check will
+        count, input_tokens, output_tokens, cost, _, high = tally
         if has_gap(tally):
             report.found("seq_gaps", subject)
         stored = (r.message_count, r.input_tokens, r.output_tokens, r.cost, r.last_seq)
-        meta = self._meta(r.tenant, r.id)
         if tally_differs(stored, tally):
             fixed = repair and bool(
                 await self._redis.eval(
