@@ -88,10 +88,16 @@ class Damage:
             await self._sql(f"DELETE FROM {{s}}sessions WHERE id = '{session_id}'")
 
     async def dangling_index(self, session_id: str, lost_entry: bool = False) -> None:
-        """Index entries left of a session whose keys are gone (only Redis has indexes
-        apart from its records); ``lost_entry``: the hash that says where they are lost
-        its field too."""
+        """Index entries left of a session whose records are gone (Redis's indexes, the
+        activity table of PostgreSQL); ``lost_entry``: on Redis, the hash that says where
+        they are lost its field too."""
         e = self.engine
+        if isinstance(e, PostgresEngine):  # its activity table indexes the sessions
+            await self._sql(
+                f"WITH gone AS (DELETE FROM {{s}}sessions WHERE id = '{session_id}' "
+                "RETURNING pk) DELETE FROM {s}messages WHERE session_pk IN (SELECT pk FROM gone)"
+            )
+            return
         if not isinstance(e, RedisEngine):
             pytest.skip(f"{e.name} keeps no index apart from its records")
         for key in e._session_keys(self.tenant, session_id):

@@ -1699,6 +1699,7 @@ class PostgresEngine(Engine):
                 if row[14]:
                     fixed = repair and await self._fix_folder(row[0])
                     report.found("missing_folder", subject, fixed)
+        await self._check_activity(tenant, repair, report)
         if tenant is None:  # messages of no session have no tenant either
             after = 0
             orphans_sql = (
@@ -1713,6 +1714,29 @@ class PostgresEngine(Engine):
                         await self._drop_orphans(session_pk)
                     report.found("orphan_messages", f"session pk {session_pk}", repair, count)
         return report
+
+    async def _check_activity(self, tenant: str | None, repair: bool, report: CheckReport) -> None:
+        """Rows of the activity table (the listings by last activity) of no session."""
+        s = _quote(self.schema)
+        where = "" if tenant is None else " AND a.tenant = $3"
+        sql = (
+            f"SELECT a.session_pk, a.tenant, a.id FROM {s}.activity a WHERE a.session_pk > $1"
+            f"{where} AND NOT EXISTS (SELECT 1 FROM {s}.sessions WHERE pk = a.session_pk) "
+            "ORDER BY a.session_pk LIMIT $2"
+        )
+        drop = (
+            f"DELETE FROM {s}.activity a WHERE session_pk = $1 "
+            f"AND NOT EXISTS (SELECT 1 FROM {s}.sessions WHERE pk = a.session_pk)"
+        )
+        after = 0
+        while rows := await self._fetch(
+            sql, after, _CHECK_BATCH, *(() if tenant is None else (tenant,))
+        ):
+            after = rows[-1][0]
+            for session_pk, name, session_id in rows:
+                if repair:
+                    await self._fetch(drop, session_pk)
+                report.found("dangling_index", f"{name}/{session_id}", repair)
 
     async def _fix_aggregates(self, pk: int, conn: Connection) -> bool:
         """Recompute a session's aggregates from its messages, with its row locked (as
