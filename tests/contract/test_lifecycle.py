@@ -4,9 +4,10 @@ the sweeper, on every engine, with time from a frozen clock."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -22,8 +23,13 @@ from sessionkeeper import (
     open_store,
 )
 from sessionkeeper.maintenance import Sweeper, archive, purge, restore
+from tests.contract.test_concurrency import SHARED_PARAMS, START, START_TIMEOUT, run_processes
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Barrier
 
 DAY = 86_400.0
+LIMIT = 5
 
 
 def record_events(store: SessionStore) -> list[tuple[str, str, str]]:
@@ -44,20 +50,10 @@ async def archive_store(
         yield opened
 
 
-async def stores_on_one_engine(
-    stack: AsyncExitStack, store: SessionStore, engine_url: str, shared: bool, **settings: object
-) -> list[SessionStore]:
-    """Two stores with hooks of their own over one engine's data: each with an engine of
-    its own (connections, caches) where the engine is shared by processes, else both over
-    the engine of ``store``."""
-    config = Settings(url=engine_url, **settings)  # type: ignore[arg-type]
-    if shared:
-        return [
-            await stack.enter_async_context(
-                open_store(engine_url, settings=config, clock=store.clock)
-            )
-            for _ in range(2)
-        ]
+async def two_stores(store: SessionStore, **settings: Any) -> list[SessionStore]:
+    """Two stores with hooks of their own over the engine of ``store`` (processes race in
+    test_completions_and_creates_from_processes_stay_exact)."""
+    config = Settings(url="memory://", **settings)
     return [
         await SessionStore(store.engine, settings=config, clock=store.clock).open()
         for _ in range(2)
@@ -132,35 +128,31 @@ async def test_a_failing_hook_is_logged_and_the_write_stands(
     assert "hook bug" in caplog.text
 
 
-async def test_concurrent_completions_fire_exactly_once(
-    store: SessionStore, engine_url: str, shared_engine: bool
-) -> None:
-    async with AsyncExitStack() as stack:
-        stores = await stores_on_one_engine(stack, store, engine_url, shared_engine)
-        completions: list[int] = []
-        for each in stores:
-            each.on("completed", lambda e: completions.append(e.session.version))  # type: ignore[union-attr]
-        session = await stores[0].create_session(session_id="s1")
-        for round_ in range(3):
-            writes = [
-                stores[i % 2].update_session("s1", status="completed", title=f"t{i}")
-                for i in range(8)
-            ]
-            await asyncio.gather(*writes)
-            assert len(completions) == round_ + 1
-            await stores[0].update_session("s1", status="active")
-        # with expected_version, exactly one of the racers wins, and fires
-        current = (await stores[0].get_session("s1")).version
-        racers = [
-            stores[i % 2].update_session("s1", status="completed", expected_version=current)
-            for i in range(6)
+async def test_concurrent_completions_fire_exactly_once(store: SessionStore) -> None:
+    stores = await two_stores(store)
+    completions: list[int] = []
+    for each in stores:
+        each.on("completed", lambda e: completions.append(e.session.version))  # type: ignore[union-attr]
+    session = await stores[0].create_session(session_id="s1")
+    for round_ in range(3):
+        writes = [
+            stores[i % 2].update_session("s1", status="completed", title=f"t{i}") for i in range(8)
         ]
-        outcomes = await asyncio.gather(*racers, return_exceptions=True)
-        assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
-        assert all(isinstance(o, VersionConflict) for o in outcomes if isinstance(o, Exception))
-        assert len(completions) == 4
-        final = await stores[0].get_session("s1")
-        assert final.version == session.version + 3 * 8 + 3 + 1
+        await asyncio.gather(*writes)
+        assert len(completions) == round_ + 1
+        await stores[0].update_session("s1", status="active")
+    # with expected_version, exactly one of the racers wins, and fires
+    current = (await stores[0].get_session("s1")).version
+    racers = [
+        stores[i % 2].update_session("s1", status="completed", expected_version=current)
+        for i in range(6)
+    ]
+    outcomes = await asyncio.gather(*racers, return_exceptions=True)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert all(isinstance(o, VersionConflict) for o in outcomes if isinstance(o, Exception))
+    assert len(completions) == 4
+    final = await stores[0].get_session("s1")
+    assert final.version == session.version + 3 * 8 + 3 + 1
 
 
 # --- the limit of sessions per owner -----------------------------------------------------
@@ -190,24 +182,53 @@ async def test_an_owner_at_the_limit_cannot_create_more(
     await limited.for_tenant("acme").create_session(owner="alice")  # per tenant
 
 
-async def test_concurrent_creates_never_pass_the_limit(
-    store: SessionStore, engine_url: str, shared_engine: bool
-) -> None:
-    async with AsyncExitStack() as stack:
-        stores = await stores_on_one_engine(
-            stack, store, engine_url, shared_engine, max_sessions_per_owner=4
-        )
-        creates = [stores[i % 2].create_session(owner="alice") for i in range(16)]
-        outcomes = await asyncio.gather(*creates, return_exceptions=True)
-        made = [o for o in outcomes if not isinstance(o, BaseException)]
-        assert all(isinstance(o, InvalidInput) for o in outcomes if isinstance(o, Exception))
-        assert 1 <= len(made) <= 4
-        assert await stores[0].count_sessions(owner="alice") == len(made)
-        # the reservations of the refused creates are gone: the rest of the room is free
-        for _ in range(4 - len(made)):
-            await stores[0].create_session(owner="alice")
-        with pytest.raises(InvalidInput):
-            await stores[1].create_session(owner="alice")
+async def test_concurrent_creates_never_pass_the_limit(store: SessionStore) -> None:
+    stores = await two_stores(store, max_sessions_per_owner=4)
+    creates = [stores[i % 2].create_session(owner="alice") for i in range(16)]
+    outcomes = await asyncio.gather(*creates, return_exceptions=True)
+    made = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert all(isinstance(o, InvalidInput) for o in outcomes if isinstance(o, Exception))
+    assert 1 <= len(made) <= 4
+    assert await stores[0].count_sessions(owner="alice") == len(made)
+    # the reservations of the refused creates are gone: the rest of the room is free
+    for _ in range(4 - len(made)):
+        await stores[0].create_session(owner="alice")
+    with pytest.raises(InvalidInput):
+        await stores[1].create_session(owner="alice")
+
+
+async def race_in_child(url: str, start: Barrier) -> tuple[int, int]:
+    """One racing process: complete s1 four times and create four sessions of alice, with
+    its own store and hooks. Returns (completions it fired, sessions it created)."""
+    settings = Settings(url=url, max_sessions_per_owner=LIMIT)
+    async with open_store(url, settings=settings, clock=FrozenClock(START)) as store:
+        fired: list[str] = []
+        store.on("completed", lambda e: fired.append(e.session_id))
+        await asyncio.to_thread(start.wait, START_TIMEOUT)
+        created = 0
+        for i in range(4):
+            await store.update_session("s1", status="completed", title=f"t{i}")
+            try:
+                await store.create_session(owner="alice")
+            except InvalidInput:
+                continue
+            created += 1
+        return len(fired), created
+
+
+@pytest.mark.parametrize("engine_name", SHARED_PARAMS)
+async def test_completions_and_creates_from_processes_stay_exact(engine_url: str) -> None:
+    processes = 4
+    settings = Settings(url=engine_url, max_sessions_per_owner=LIMIT)
+    async with open_store(engine_url, settings=settings, clock=FrozenClock(START)) as store:
+        await store.create_session(session_id="s1")
+        start = multiprocessing.get_context("spawn").Barrier(processes)
+        results = await run_processes([(race_in_child, (engine_url, start))] * processes)
+        assert sum(fired for fired, _ in results) == 1
+        created = sum(made for _, made in results)
+        assert 1 <= created <= LIMIT
+        assert await store.count_sessions(owner="alice") == created
+        assert (await store.get_session("s1")).version == 1 + processes * 4
 
 
 # --- archive and restore -----------------------------------------------------------------
