@@ -8,7 +8,7 @@ Layout under the root folder of ``file:///path/dir``::
     tenants/<tenant>/folders/<id>.json      a folder
     tenants/<tenant>/guards/<sha256>.json   a guard (rate limit, login failures, budget)
     locks/                                  lock files only, never data
-    tmp/                                    files being written (<pid>.<n>.tmp)
+    tmp/                                    files being written (<pid>.<engine>.<n>.tmp)
     quarantine/<tenant>/<kind>/             damaged files, moved aside with a warning
 
 Names. A tenant or id becomes part of a path only after it matched ``rules.ID_PATTERN``
@@ -78,6 +78,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 import zlib
@@ -661,6 +662,7 @@ class FilesEngine(Engine):
         "_reads",
         "_stripes",
         "_temp_names",
+        "_temp_tag",
         "_tenant_dirs",
         "root",
         "settings",
@@ -678,6 +680,7 @@ class FilesEngine(Engine):
         self._logs: OrderedDict[tuple[str, str], tuple[int, int, int]] = OrderedDict()
         self._tenant_dirs: dict[str, str] = {}
         self._temp_names = itertools.count()
+        self._temp_tag = secrets.token_hex(4)
         # appends waiting for the batch in flight of their session, per event loop
         self._appends: dict[tuple[asyncio.AbstractEventLoop, str, str], list[_AppendJob]] = {}
         self._pending: set[asyncio.Future[Any]] = set()
@@ -919,7 +922,9 @@ class FilesEngine(Engine):
 
     def _write_atomic(self, path: str, data: bytes, sync_dir: bool) -> None:
         """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of its folder."""
-        temp = f"{self.root}/tmp/{os.getpid()}.{next(self._temp_names)}.tmp"
+        # The engine's own random part keeps two engines of one process on one folder
+        # from ever writing the same temp file.
+        temp = f"{self.root}/tmp/{os.getpid()}.{self._temp_tag}.{next(self._temp_names)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
         try:
             try:
