@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ..errors import InvalidInput
 from ..keys import SERVER_TENANT
+from ..maintenance import Sweeper
 from ..settings import Settings
 from ..store import SessionStore, open_store
 from .auth import Service
@@ -61,8 +62,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if owned:
-            async with store:
+        if owned:  # the app's own store: it also runs the sweeper (sweep_interval; 0 = off)
+            async with store, Sweeper(store):
                 yield
         else:
             yield
