@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
@@ -45,6 +45,7 @@ from ..models import (
 )
 from ..settings import Settings
 from .base import Engine, Tally, has_gap, tally_differs
+from .turns import Turns
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -109,10 +110,6 @@ _CONNECTION_LOST = (
 )
 _DEADLOCK_RETRIES = 3
 _GUARD_ATTEMPTS = 10_000  # compare-and-set rounds before a guard update gives up
-# The most jobs, and messages, one batch statement carries: a batch must stay well within
-# the server timeout.
-_BATCH_JOBS = 64
-_BATCH_MESSAGES = 2000
 _IDLE_IN_TRANSACTION = 5  # server_timeouts a transaction may wait for its client
 
 # Statements take the schema's quoted name as {s}. Every text column that is compared or
@@ -718,54 +715,6 @@ class _ReadJob(_Job):
         return self.limit
 
 
-class _Batches(Generic[J]):
-    """Calls that arrive within one event-loop turn, run together in one statement.
-
-    The first call of a turn starts a task; its first step runs in the next turn, after
-    every task woken in this one has queued its call, and runs what it finds as one batch
-    on one pooled connection, then whatever arrived meanwhile, until nothing waits. At
-    most ``limit`` tasks run at once; calls beyond that wait for a task to finish its batch.
-    ``run`` settles or fails every job it is given, and never raises.
-    """
-
-    __slots__ = ("_limit", "_pending", "_run", "_runners", "_tasks")
-
-    def __init__(self, run: Callable[[list[J]], Awaitable[None]], limit: int) -> None:
-        self._run = run
-        self._limit = limit
-        self._pending: list[J] = []
-        self._runners = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references
-
-    def add(self, job: J) -> None:
-        self._pending.append(job)
-        if len(self._pending) == 1 and self._runners < self._limit:
-            self._runners += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def _take(self) -> list[J]:
-        """The next batch: the oldest waiting jobs, within _BATCH_JOBS and _BATCH_MESSAGES."""
-        pending = self._pending
-        end, size = 0, 0
-        while end < len(pending) and end < _BATCH_JOBS:
-            size += pending[end].size
-            if end and size > _BATCH_MESSAGES:
-                break
-            end += 1
-        jobs = pending[:end]
-        del pending[:end]
-        return jobs
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                await self._run(self._take())
-        finally:
-            self._runners -= 1
-
-
 def _rounds(jobs: list[J]) -> list[list[J]]:
     """The jobs in rounds that each hold at most one job per session, in arrival order: a
     session's second job in a batch waits for the round after its first."""
@@ -935,9 +884,9 @@ class PostgresEngine(Engine):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         # The hot calls, batched: concurrent appends and message reads share statements.
         limit = settings.pool_size
-        self._appends = _Batches[_AppendJob](self._run_appends, limit)
-        self._last_reads = _Batches[_ReadJob](self._run_reads, limit)
-        self._after_reads = _Batches[_ReadJob](self._run_reads, limit)
+        self._appends = Turns[_AppendJob](self._run_appends, limit)
+        self._last_reads = Turns[_ReadJob](self._run_reads, limit)
+        self._after_reads = Turns[_ReadJob](self._run_reads, limit)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -1416,7 +1365,7 @@ class PostgresEngine(Engine):
             job.settle(found.get(i + 1))
 
     async def _messages(
-        self, batches: _Batches[_ReadJob], job: _ReadJob
+        self, batches: Turns[_ReadJob], job: _ReadJob
     ) -> list[MessageRecord] | None:
         self._usable_pool()
         batches.add(job)

@@ -94,6 +94,7 @@ from ..models import (
 from ..settings import Settings
 from .base import Engine, Tally, has_gap, tally_differs
 from .memory import MemoryEngine
+from .turns import Turns
 
 __all__ = ["RedisEngine"]
 
@@ -109,9 +110,6 @@ _log = logging.getLogger("sessionkeeper")
 _PREFIX = re.compile(r"[A-Za-z0-9_:.\-]{1,64}")
 _OPTIONS = ("prefix", "cluster", "fallback", "durable")
 _BATCH = 500  # index entries read, and metas fetched, per round trip
-# The most calls, and messages, one script call carries for a turn's appends or reads.
-_TURN_JOBS = 64
-_TURN_MESSAGES = 2000
 # Separators: between the fields of a stored message, and between messages in a reply.
 # JSON text never holds either raw, and the store allows no control characters in roles.
 _SEP = "\x1f"
@@ -1142,53 +1140,6 @@ class _Job:
             self.future.set_exception(exc)
 
 
-class _Turns:
-    """Calls that arrive within one event-loop turn, run together by one script call.
-
-    The first call of a turn starts a task; its first step runs in the next turn, after
-    every task woken in this one has queued its call, and runs what it finds at once, then
-    whatever arrived meanwhile, until nothing waits. At most ``limit`` such tasks run at
-    once. ``run`` settles or fails every job it is given, and never raises.
-    """
-
-    __slots__ = ("_limit", "_pending", "_run", "_runners", "_tasks")
-
-    def __init__(self, run: Callable[[list[_Job]], Awaitable[None]], limit: int) -> None:
-        self._run = run
-        self._limit = limit
-        self._pending: list[_Job] = []
-        self._runners = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references
-
-    def add(self, job: _Job) -> None:
-        self._pending.append(job)
-        if len(self._pending) == 1 and self._runners < self._limit:
-            self._runners += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def _take(self) -> list[_Job]:
-        """The oldest waiting jobs, within _TURN_JOBS and _TURN_MESSAGES."""
-        pending = self._pending
-        end, size = 0, 0
-        while end < len(pending) and end < _TURN_JOBS:
-            size += pending[end].size
-            if end and size > _TURN_MESSAGES:
-                break
-            end += 1
-        jobs = pending[:end]
-        del pending[:end]
-        return jobs
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                await self._run(self._take())
-        finally:
-            self._runners -= 1
-
-
 class RedisEngine(Engine):
     """Sessions in Redis or Redis Cluster: one script per session write, sorted-set indexes."""
 
@@ -1214,9 +1165,11 @@ class RedisEngine(Engine):
         self._slots = asyncio.Semaphore(settings.pool_size)
         # On one server, the appends of one event-loop turn share one script call, and so
         # do its message reads.
-        self._appends = _Turns(functools.partial(self._run_turn, "append"), settings.pool_size)
-        self._reads = _Turns(functools.partial(self._run_turn, "messages"), settings.pool_size)
-        self._hits = _Turns(functools.partial(self._run_turn, "rate_hit_turn"), settings.pool_size)
+        self._appends = Turns[_Job](functools.partial(self._run_turn, "append"), settings.pool_size)
+        self._reads = Turns[_Job](functools.partial(self._run_turn, "messages"), settings.pool_size)
+        self._hits = Turns[_Job](
+            functools.partial(self._run_turn, "rate_hit_turn"), settings.pool_size
+        )
 
     # --- plumbing ----------------------------------------------------------------------
 

@@ -849,7 +849,11 @@ def _w_insert(record: SessionRecord, now: float, conn: sqlite3.Connection) -> No
     _check_folder(conn, record.tenant, record.folder, record.owner)
     if row is not None:  # an expired session with this id goes, with its messages
         _drop_sessions(conn, [(row[0],)])
-    r = record
+    _write_session(conn, record)
+
+
+def _write_session(conn: sqlite3.Connection, r: SessionRecord) -> int:
+    """Insert a session's row and its state exactly as ``r`` holds them; its pk."""
     cursor = conn.execute(
         _INSERT_SESSION,
         (
@@ -874,7 +878,10 @@ def _w_insert(record: SessionRecord, now: float, conn: sqlite3.Connection) -> No
             r.cost,
         ),
     )
-    conn.execute("INSERT INTO states VALUES (?, ?)", (cursor.lastrowid, r.state))
+    pk = cursor.lastrowid
+    assert pk is not None  # an INSERT into a rowid table always sets it
+    conn.execute("INSERT INTO states VALUES (?, ?)", (pk, r.state))
+    return pk
 
 
 def _r_session(
@@ -1163,33 +1170,7 @@ def _w_load(
     _check_folder(conn, record.tenant, record.folder, record.owner)
     if row is not None:
         _drop_sessions(conn, [(row[0],)])
-    r = record
-    cursor = conn.execute(
-        _INSERT_SESSION,
-        (
-            r.tenant,
-            r.id,
-            r.owner,
-            r.folder,
-            r.title,
-            r.status,
-            r.step,
-            r.metadata,
-            r.version,
-            r.created_at,
-            r.updated_at,
-            r.expires_at,
-            r.idle_ttl,
-            r.deadline,
-            r.message_count,
-            r.last_seq,
-            r.input_tokens,
-            r.output_tokens,
-            r.cost,
-        ),
-    )
-    pk = cursor.lastrowid
-    conn.execute("INSERT INTO states VALUES (?, ?)", (pk, r.state))
+    pk = _write_session(conn, record)
     conn.executemany(_INSERT_MESSAGE, [(pk, *_message_row(m)) for m in messages])
     return True
 
