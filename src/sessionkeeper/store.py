@@ -446,7 +446,8 @@ class SessionStore:
     def on(self, event: HookEvent, callback: Hook) -> Callable[[], None]:
         """Call ``callback(SessionEvent)`` after every ``event`` of this store and its
         tenant views: ``created``, ``completed`` (the status became completed),
-        ``expired`` (removed by the sweeper's ``max_session_age``) or ``deleted``.
+        ``expired`` (its time to live ran out and ``purge_expired`` or the sweeper
+        removed it, or the sweeper's ``max_session_age`` ended it) or ``deleted``.
 
         Hooks run after the write landed, in the order they were added, before the call
         that wrote returns; a coroutine function is awaited. An exception in a hook is
@@ -1149,7 +1150,8 @@ class SessionStore:
     ) -> int:
         """Delete expired sessions and their messages, batch by batch; returns how many.
 
-        Only this tenant's, unless ``all_tenants`` (for maintenance jobs).
+        Only this tenant's, unless ``all_tenants`` (for maintenance jobs). The ``expired``
+        hooks fire for each session this call deleted, with the session's own tenant.
         """
         size = _int(batch_size or self.settings.purge_batch_size, "batch_size", 1)
         tenant = None if all_tenants else self.tenant
@@ -1157,8 +1159,12 @@ class SessionStore:
         total = 0
         while True:
             purged = await self.engine.purge_expired(tenant, now, size)
-            total += purged
-            if purged < size:
+            total += len(purged)
+            if self._hooks["expired"]:
+                for name, sid in purged:
+                    view = self if name == self.tenant else self.for_tenant(name)
+                    await view._fire("expired", sid)
+            if len(purged) < size:
                 return total
 
     # --- guards: rate limits, failed logins, budgets ----------------------------------

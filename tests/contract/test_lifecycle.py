@@ -417,6 +417,30 @@ async def test_a_sweep_purges_expired_sessions_and_archives_aged_ones(
     assert (again.expired, again.aged) == (0, 0)
 
 
+async def test_purging_expired_sessions_fires_expired_once_each(
+    store: SessionStore, clock: FrozenClock
+) -> None:
+    seen = record_events(store)
+    other = store.for_tenant("acme")
+    await store.create_session(session_id="short", ttl=60)
+    await store.create_session(session_id="idle", idle_ttl=60)
+    await other.create_session(session_id="short-acme", ttl=60)
+    await store.create_session(session_id="long", ttl=3_600)
+    clock.advance(61)
+    assert await store.get_session("long")
+    # Two purgers over one engine, one after the other: each expired session is announced
+    # by the one that deleted it, and only once.
+    second = (await two_stores(store))[0]
+    also = record_events(second)
+    assert await store.purge_expired(batch_size=1) == 2
+    assert await second.purge_expired(all_tenants=True) == 1
+    assert await store.purge_expired(all_tenants=True) == 0
+    expired = sorted(e for e in seen if e[0] == "expired")
+    assert expired == [("expired", "default", "idle"), ("expired", "default", "short")]
+    assert [e for e in also if e[0] == "expired"] == [("expired", "acme", "short-acme")]
+    assert not [e for e in seen + also if e[0] == "deleted"]
+
+
 async def test_a_sweep_can_purge_aged_sessions_firing_expired(
     store: SessionStore, engine_url: str, clock: FrozenClock
 ) -> None:

@@ -237,10 +237,13 @@ class Engine(ABC):
     # --- expiry ------------------------------------------------------------------------
 
     @abstractmethod
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
         """Delete up to ``limit`` expired sessions (of ``tenant``, or of every tenant if
-        None) with their messages, in as few writes as the engine allows. Returns how
-        many it deleted."""
+        None) with their messages, in as few writes as the engine allows. Returns the
+        ``(tenant, session id)`` of each session it deleted (the ``expired`` hooks' ids);
+        a session that vanished before this call is not among them."""
 
     # --- transfer: export, import, migrate, backup ------------------------------------
     # These hooks serve copying a store whole. Reads here renew nothing: an export or a

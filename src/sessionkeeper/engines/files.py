@@ -1785,15 +1785,15 @@ class FilesEngine(Engine):
         names = os.listdir(f"{self.root}/tenants")
         return sorted(name for name in names if rules.ID_PATTERN.fullmatch(name))
 
-    def _s_purge(self, tenant: str | None, now: float, limit: int) -> int:
-        purged = 0
+    def _s_purge(self, tenant: str | None, now: float, limit: int) -> list[tuple[str, str]]:
+        purged: list[tuple[str, str]] = []
         for name in [tenant] if tenant is not None else self._tenants():
             tenant_dir = self._tenant_dir(name, create=False)
             if tenant_dir is None:
                 continue
             self._purge_guards(tenant_dir, now)  # not counted: only sessions are
             for record in self._scan(name):
-                if purged >= limit:
+                if len(purged) >= limit:
                     return purged
                 if rules.is_expired(record.expires_at, now):
                     w = self._where(tenant_dir, name, record.id)
@@ -1803,7 +1803,7 @@ class FilesEngine(Engine):
                             loaded[0].record.expires_at, now
                         ):
                             self._drop(w)
-                            purged += 1
+                            purged.append((name, record.id))
         return purged
 
     def _s_tenants(self, now: float) -> list[str]:
@@ -2189,7 +2189,9 @@ class FilesEngine(Engine):
     ) -> int:
         return await self._call(self._f_delete, tenant, folder_id, now, reassign_to, cascade)
 
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
         return await self._call(self._s_purge, tenant, now, limit)
 
     async def update_guard(self, tenant: str, key: str, update: GuardUpdate[T], now: float) -> T:

@@ -316,18 +316,21 @@ class MemoryEngine(Engine):
 
     # --- expiry ------------------------------------------------------------------------
 
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
         with self._lock:
-            spaces = [self._tenant(tenant)] if tenant is not None else list(self._tenants.values())
-            purged = 0
-            for space in spaces:
+            names = [tenant] if tenant is not None else list(self._tenants)
+            purged: list[tuple[str, str]] = []
+            for name in names:
+                space = self._tenant(name)
                 expired = [
                     sid for sid, r in space.sessions.items() if rules.is_expired(r.expires_at, now)
-                ][: limit - purged]
+                ][: limit - len(purged)]
                 for session_id in expired:
                     self._drop(space, session_id)
-                purged += len(expired)
-                if purged >= limit:
+                purged += [(name, sid) for sid in expired]
+                if len(purged) >= limit:
                     break
             return purged
 

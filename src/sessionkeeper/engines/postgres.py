@@ -518,7 +518,8 @@ _STATEMENTS: dict[str, str] = {
     ),
     # The queue pattern: sessions another purger (or a writer) holds are skipped.
     "lock_expired": (
-        "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED"
+        "SELECT pk, tenant, id FROM {s}.sessions WHERE expires_at <= $1 LIMIT $2 "
+        "FOR UPDATE SKIP LOCKED"
     ),
     # Guards change by compare-and-set: read, compute, then write only if the row still
     # holds what was read (two autocommit statements; a lost race reads again).
@@ -549,7 +550,7 @@ _STATEMENTS: dict[str, str] = {
         "FOR UPDATE SKIP LOCKED))"
     ),
     "lock_expired_of_tenant": (
-        "SELECT pk FROM {s}.sessions WHERE expires_at <= $1 AND tenant = $3 "
+        "SELECT pk, tenant, id FROM {s}.sessions WHERE expires_at <= $1 AND tenant = $3 "
         "LIMIT $2 FOR UPDATE SKIP LOCKED"
     ),
 }
@@ -1533,8 +1534,10 @@ class PostgresEngine(Engine):
 
     # --- expiry ------------------------------------------------------------------------
 
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
-        async def job(conn: Connection) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
+        async def job(conn: Connection) -> list[tuple[str, str]]:
             if tenant is None:
                 rows = await conn.fetch(self._sql["lock_expired"], now, limit)
             else:
@@ -1543,7 +1546,7 @@ class PostgresEngine(Engine):
                 await conn.execute(self._sql["drop"], [row[0] for row in rows])
             # Expired guards go too (they are absent already); only sessions are counted.
             await conn.execute(self._sql["purge_guards"], now, limit, tenant)
-            return len(rows)
+            return [(row[1], row[2]) for row in rows]
 
         return await self._transact(job)
 

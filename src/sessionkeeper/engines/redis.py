@@ -2017,7 +2017,9 @@ class RedisEngine(Engine):
     # --- expiry ------------------------------------------------------------------------
 
     @_hook
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
         # Candidates come from by-expiry, whose scores may lag: a session renewed since is
         # only moved up. Entries of sessions Redis already dropped are cleaned up but not
         # counted: purge did not delete those.
@@ -2025,10 +2027,10 @@ class RedisEngine(Engine):
             tenants = cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
         else:
             tenants = [tenant]
-        purged = 0
+        purged: list[tuple[str, str]] = []
         for name in tenants:
             t = self._tenant(name)
-            while purged < limit:
+            while len(purged) < limit:
                 due = cast(
                     "list[str]",
                     await self._redis.zrange(
@@ -2037,7 +2039,7 @@ class RedisEngine(Engine):
                         repr(now),
                         byscore=True,
                         offset=0,
-                        num=min(limit - purged, _BATCH),
+                        num=min(limit - len(purged), _BATCH),
                     ),
                 )
                 if not due:
@@ -2045,7 +2047,11 @@ class RedisEngine(Engine):
                 *replies, entries = await self._run(
                     functools.partial(self._queue_purge, name, t, due, now)
                 )
-                purged += sum(1 for reply in replies if reply[0] == "deleted")
+                purged += [
+                    (name, sid)
+                    for sid, reply in zip(due, replies, strict=True)
+                    if reply[0] == "deleted"
+                ]
                 await self._run(functools.partial(self._queue_purged, t, due, replies, entries))
         return purged
 

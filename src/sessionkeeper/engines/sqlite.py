@@ -720,7 +720,9 @@ class SQLiteEngine(Engine):
 
     # --- expiry ------------------------------------------------------------------------
 
-    async def purge_expired(self, tenant: str | None, now: float, limit: int) -> int:
+    async def purge_expired(
+        self, tenant: str | None, now: float, limit: int
+    ) -> list[tuple[str, str]]:
         return await self._write(partial(_w_purge, tenant, now, limit))
 
     # --- transfer ----------------------------------------------------------------------
@@ -1114,17 +1116,19 @@ def _w_delete_folder(
     return folder.session_count
 
 
-def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connection) -> int:
+def _w_purge(
+    tenant: str | None, now: float, limit: int, conn: sqlite3.Connection
+) -> list[tuple[str, str]]:
     if tenant is None:
-        pks = conn.execute(
-            "SELECT pk FROM sessions WHERE expires_at <= ? LIMIT ?", (now, limit)
+        rows = conn.execute(
+            "SELECT pk, tenant, id FROM sessions WHERE expires_at <= ? LIMIT ?", (now, limit)
         ).fetchall()
     else:
-        pks = conn.execute(
-            "SELECT pk FROM sessions WHERE expires_at <= ? AND tenant = ? LIMIT ?",
+        rows = conn.execute(
+            "SELECT pk, tenant, id FROM sessions WHERE expires_at <= ? AND tenant = ? LIMIT ?",
             (now, tenant, limit),
         ).fetchall()
-    _drop_sessions(conn, pks)
+    _drop_sessions(conn, [(pk,) for pk, _, _ in rows])
     # Expired guards go too (they are absent already); only sessions are counted.
     scope, params = (
         ("", (now, limit)) if tenant is None else (" AND tenant = ?", (now, tenant, limit))
@@ -1134,7 +1138,7 @@ def _w_purge(tenant: str | None, now: float, limit: int, conn: sqlite3.Connectio
         f"(SELECT tenant, key FROM guards WHERE expires_at <= ?{scope} LIMIT ?)",
         params,
     )
-    return len(pks)
+    return [(name, sid) for _, name, sid in rows]
 
 
 def _r_export(
