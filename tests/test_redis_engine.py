@@ -530,7 +530,12 @@ async def test_purge_cleans_up_after_sessions_redis_dropped(shared: tuple[str, s
             await store.append_message(dropped.id, "user", "hi")
             await client.delete(*_keys(prefix, dropped.id))  # what Redis does at its TTL
             clock.advance(10)
-            assert await store.purge_expired() == 0  # Redis deleted it, not purge
+            expired: list[str] = []
+            store.on("expired", lambda event: expired.append(event.session_id))
+            # Redis deleted it; the purge that clears its entries announces its expiry
+            assert await store.purge_expired() == 1
+            assert expired == [dropped.id]
+            assert await store.purge_expired() == 0
         left = [key async for key in client.scan_iter(match=f"{prefix}{{default}}:*")]
         assert left == [], "its index entries, found through the entries hash, are gone"
     finally:

@@ -1452,8 +1452,9 @@ class RedisEngine(Engine):
     @staticmethod
     def _unindex(
         pipe: _Pipe, t: _Tenant, session_id: str, owner: str | None, folder: str | None, status: str
-    ) -> None:
-        """Queue the removal of every index entry of a session that is gone."""
+    ) -> int:
+        """Queue the removal of every index entry of a session that is gone; returns the
+        position in ``pipe`` of the HDEL from the entries hash (1 if it was there)."""
         for key in (
             t.created,
             t.updated,
@@ -1464,6 +1465,7 @@ class RedisEngine(Engine):
         ):
             pipe.zrem(key, session_id)
         pipe.hdel(t.entries, session_id)
+        return len(pipe) - 1
 
     def _raise_for(self, reply: list[Any], session_id: str, expected_version: int | None) -> None:
         if reply[0] == "error":  # a job of a turn's script failed on its own
@@ -2021,8 +2023,9 @@ class RedisEngine(Engine):
         self, tenant: str | None, now: float, limit: int
     ) -> list[tuple[str, str]]:
         # Candidates come from by-expiry, whose scores may lag: a session renewed since is
-        # only moved up. Entries of sessions Redis already dropped are cleaned up but not
-        # counted: purge did not delete those.
+        # only moved up. A session Redis already dropped at its TTL counts as purged by
+        # the one call whose clean-up of its entries removed them (HDEL or ZREM said 1),
+        # so its expiry is announced once however many purgers run.
         if tenant is None:
             tenants = cast("list[str]", await self._redis.zrange(self._registry, 0, -1))
         else:
@@ -2052,7 +2055,11 @@ class RedisEngine(Engine):
                     for sid, reply in zip(due, replies, strict=True)
                     if reply[0] == "deleted"
                 ]
-                await self._run(functools.partial(self._queue_purged, t, due, replies, entries))
+                dropped: list[tuple[str, int]] = []
+                done = await self._run(
+                    functools.partial(self._queue_purged, t, due, replies, entries, dropped)
+                )
+                purged += [(name, sid) for sid, at in dropped if done[at] == 1]
         return purged
 
     def _queue_purge(
@@ -2068,19 +2075,22 @@ class RedisEngine(Engine):
         due: list[str],
         replies: list[Any],
         entries: list[str | None],
+        dropped: list[tuple[str, int]],
         pipe: _Pipe,
     ) -> None:
         """Index changes after a purge: every entry of a deleted session goes (found through
         the entries hash if Redis dropped it first), and the by-expiry score of a session
-        renewed since its entry was written moves up."""
+        renewed since its entry was written moves up. ``dropped`` gets each session Redis
+        dropped with the position of the reply that says whether this call cleared it."""
         for sid, reply, entry in zip(due, replies, entries, strict=True):
             if reply[0] == "deleted":
                 self._unindex(pipe, t, sid, reply[1], reply[2], reply[3])
             elif reply[0] == "gone" and entry is not None:
-                self._unindex(pipe, t, sid, *_from_entry(entry))
+                dropped.append((sid, self._unindex(pipe, t, sid, *_from_entry(entry))))
             elif reply[0] == "gone":  # no record of where its entries are
-                for key in (t.created, t.updated, t.expiry):
+                for key in (t.expiry, t.created, t.updated):
                     pipe.zrem(key, sid)
+                dropped.append((sid, len(pipe) - 3))  # its ZREM from by-expiry
             elif reply[1] is None:
                 pipe.zrem(t.expiry, sid)
             else:
