@@ -17,7 +17,7 @@ from .auth import Service
 from .limits import BodyLimit
 from .metrics import AccessLog, Metrics
 from .problems import Problem, install
-from .routes import admin, folders, guards, ops, sessions
+from .routes import admin, folders, guards, operations, ops, sessions
 
 __all__ = ["create_app"]
 
@@ -76,7 +76,14 @@ def create_app(
     )
     app.state.service = service
     install(app)
-    for router in (sessions.router, folders.router, guards.router, admin.router, ops.router):
+    for router in (
+        sessions.router,
+        folders.router,
+        guards.router,
+        admin.router,
+        operations.router,
+        ops.router,
+    ):
         app.include_router(router)
     for router in routers:
         app.include_router(router)
