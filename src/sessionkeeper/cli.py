@@ -1043,3 +1043,68 @@ def keys_revoke(
             return await keys.revoke_key(store, key_id)
 
     _emit(asyncio.run(run()), as_json, lambda k: _key_table([k]))
+
+
+# --- the HTTP service's webhooks -------------------------------------------------------
+
+webhooks_app = typer.Typer(
+    name="webhooks", help="The webhook delivery log of the HTTP service.", no_args_is_help=True
+)
+app.add_typer(webhooks_app)
+
+
+def _webhooks() -> Any:
+    try:
+        from .server import webhooks
+    except ImportError as exc:
+        raise _fail(f"{exc.name} is missing: pip install 'sessionkeeper[server]'", 1) from None
+    return webhooks
+
+
+def _deliveries_table(found: list[Any]) -> Table:
+    """Deliveries, a line each (tenant and session are in --json)."""
+    table = _table("=id", "=event", "=status", "=tries", "last", "=created")
+    for d in found:
+        last = d.attempts[-1] if d.attempts else None
+        outcome = None if last is None else (last.status_code or last.error)
+        fields = (d.id, d.event, d.status, len(d.attempts), outcome, d.created_at)
+        table.add_row(*map(_text, fields))
+    return table
+
+
+@_command("deliveries", group=webhooks_app)
+def webhooks_deliveries(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None, typer.Option(help="Only pending, delivered or failed ones")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List webhook deliveries, newest first, with every attempt (--json)."""
+    webhooks = _webhooks()
+    settings = _settings(ctx.obj)
+
+    async def run() -> list[Any]:
+        async with open_store(settings=settings) as store:
+            found: list[Any] = await webhooks.list_deliveries(store, status=status, limit=limit)
+            return found
+
+    _emit(asyncio.run(run()), as_json, _deliveries_table)
+
+
+@_command("redeliver", group=webhooks_app)
+def webhooks_redeliver(
+    ctx: typer.Context,
+    delivery_id: Annotated[str, typer.Argument(help="The delivery id (24 hex digits)")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Send a delivered or failed delivery again: a running `serve` sends it."""
+    webhooks = _webhooks()
+    settings = _settings(ctx.obj)
+
+    async def run() -> Any:
+        async with open_store(settings=settings) as store:
+            return await webhooks.redeliver(store, delivery_id)
+
+    _emit(asyncio.run(run()), as_json, lambda d: _deliveries_table([d]))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_URL", "Settings"]
+__all__ = ["DEFAULT_URL", "WEBHOOK_EVENTS", "Settings"]
 
 DEFAULT_URL = "sqlite:///sessionkeeper.db"
+#: The change-hook events a webhook can be sent for (the store's HOOK_EVENTS).
+WEBHOOK_EVENTS = ("created", "completed", "expired", "deleted")
 
 
 class Settings(BaseSettings):
@@ -163,6 +166,67 @@ class Settings(BaseSettings):
     http_access_log: bool = Field(
         True, description="Log one JSON line per request on stderr (never keys or bodies)"
     )
+
+    # --- the HTTP service's webhooks ---
+
+    webhook_url: str | None = Field(
+        None,
+        description="http(s) URL the HTTP service POSTs change events to, signed with "
+        "webhook_secret (None: no webhooks)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        validate_default=True,
+        description="Key of the HMAC-SHA256 signature of each webhook (required with webhook_url)",
+    )
+    webhook_events: list[str] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        description="Events sent: any of created, completed, expired, deleted (default: all)",
+    )
+    webhook_timeout: float = Field(
+        10.0, gt=0, le=300, description="Seconds a webhook POST may take before it counts as failed"
+    )
+    webhook_max_attempts: int = Field(
+        8, gt=0, le=100, description="Attempts at one webhook delivery before it is failed"
+    )
+    webhook_backoff: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds before the second attempt; doubled for each later one, with "
+        "jitter, up to an hour",
+    )
+    webhook_log_days: float = Field(
+        7.0,
+        gt=0,
+        description="Days the webhook delivery log keeps a delivery after its last change",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, not {value!r}")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        if value is None and info.data.get("webhook_url") is not None:
+            raise ValueError("is required with webhook_url: the key receivers verify with")
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: list[str]) -> list[str]:
+        for event in value:
+            if event not in WEBHOOK_EVENTS:
+                raise ValueError(f"must name only {', '.join(WEBHOOK_EVENTS)}, not {event!r}")
+        return list(dict.fromkeys(value))
 
     @property
     def budgets_enforced(self) -> bool:

@@ -134,6 +134,12 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/admin/tenants"): lambda d: Call("GET", "/v1/admin/tenants", admin=True, other=403),
     ("POST", "/v1/admin/purge"): lambda d: Call("POST", "/v1/admin/purge", admin=True, other=403),
     ("GET", "/v1/admin/export"): lambda d: Call("GET", "/v1/admin/export", admin=True, other=403),
+    ("GET", "/v1/admin/webhooks/deliveries"): lambda d: Call(
+        "GET", "/v1/admin/webhooks/deliveries", admin=True, other=403
+    ),
+    ("POST", "/v1/admin/webhooks/deliveries/{delivery_id}/redeliver"): lambda d: Call(
+        "POST", f"/v1/admin/webhooks/deliveries/{'0' * 24}/redeliver", admin=True, ok=404, other=403
+    ),
 }
 
 

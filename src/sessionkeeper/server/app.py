@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -18,6 +18,8 @@ from .limits import BodyLimit
 from .metrics import AccessLog, Metrics
 from .problems import Problem, install
 from .routes import admin, folders, guards, operations, ops, sessions
+from .routes import webhooks as webhook_routes
+from .webhooks import Webhooks
 
 __all__ = ["create_app"]
 
@@ -59,14 +61,18 @@ def create_app(
         )
     metrics = Metrics()
     service = Service(store, store.for_tenant(SERVER_TENANT), settings, metrics)
+    # with webhook_url, the app sends its store's change events while it runs
+    webhooks = Webhooks(store) if settings.webhook_url is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sending: AbstractAsyncContextManager[object] = webhooks or nullcontext()
         if owned:  # the app's own store: it also runs the sweeper (sweep_interval; 0 = off)
-            async with store, Sweeper(store):
+            async with store, Sweeper(store), sending:
                 yield
         else:
-            yield
+            async with sending:
+                yield
 
     app = FastAPI(
         title="sessionkeeper",
@@ -75,6 +81,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.webhooks = webhooks
     install(app)
     for router in (
         sessions.router,
@@ -85,6 +92,7 @@ def create_app(
         ops.router,
     ):
         app.include_router(router)
+    app.include_router(webhook_routes.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes)
