@@ -202,3 +202,22 @@ async def test_daily_refuses_bad_parameters(
         response = await client.get("/ui/api/daily", params=params)
     assert response.status_code == 422
     assert response.json()["field"] in {"query.days", "query.utc_offset"}
+
+
+async def test_every_route_the_script_calls_is_in_the_api(
+    ui_app: FastAPI, anonymous: httpx.AsyncClient
+) -> None:
+    script = (await anonymous.get("/ui/app.js")).text
+    called = set(re.findall(r'"\.\./(v1/[a-z/-]+)', script))  # up to any ${...}
+    assert {"v1/admin/doctor", "v1/admin/check", "v1/admin/archive"} <= called
+    paths = {p.lstrip("/") for p in ui_app.openapi()["paths"]}
+    assert not [p for p in called if p not in paths and not p.endswith("/")], called - paths
+
+
+async def test_operations_view_is_for_admin_keys(anonymous: httpx.AsyncClient) -> None:
+    page = (await anonymous.get("/ui/")).text
+    # hidden until an admin key signs in; the server refuses other keys (403) anyway
+    assert re.search(r'<button id="tab-operations"[^>]*\bhidden\b', page)
+    assert re.search(r'<div id="view-operations"[^>]*\bhidden\b', page)
+    script = (await anonymous.get("/ui/app.js")).text
+    assert 'show($("tab-operations"), me.role === "admin")' in script

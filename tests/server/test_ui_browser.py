@@ -317,3 +317,116 @@ def test_admin_page_in_chromium(
     print(f"\nadmin page screenshot: {shot} (browser part took {elapsed:.1f} s)")
     assert shot.stat().st_size > 10_000
     assert elapsed < 60
+
+
+# --- the Operations view ---------------------------------------------------------------------
+
+
+async def _seed_damaged(url: str) -> tuple[Seeded, str]:
+    """``_seed``'s store, with dave's session's counts made wrong in the storage."""
+    from tests.contract.test_check import Damage
+
+    seeded = await _seed(url)
+    async with open_store(url, tenant="acme", settings=Settings(url=url)) as acme:
+        damaged = (await acme.list_sessions(owner="dave")).items[0].id
+        await Damage(acme).aggregates(damaged)
+    return seeded, damaged
+
+
+@pytest.fixture
+def damaged_server(tmp_path: Path) -> Iterator[tuple[Served, Seeded, str]]:
+    url = f"sqlite:///{tmp_path / 'ops.db'}"
+    with ThreadPoolExecutor(1) as pool:
+        seeded, damaged = pool.submit(asyncio.run, _seed_damaged(url)).result()
+    with Served(url) as served:
+        yield served, seeded, damaged
+
+
+@pytest.mark.timeout(120)
+def test_operations_view_in_chromium(
+    browser: Browser, damaged_server: tuple[Served, Seeded, str], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    served, seeded, damaged = damaged_server
+    context = browser.new_context(timezone_id="UTC", viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}"))
+    page.goto(f"{served.base}/ui/")
+
+    # a tenant key has no Operations view
+    _sign_in(page, seeded.acme)
+    expect(page.locator("#identity")).to_contain_text("tenant key")
+    expect(page.locator("#tab-operations")).to_be_hidden()
+    expect(page.locator("#view-operations")).to_be_hidden()
+    page.click("#sign-out")
+
+    # an admin key: doctor's verdict and findings as soon as the view opens
+    _sign_in(page, seeded.admin)
+    expect(page.locator('[data-figure="Archived"] dd')).to_have_text("1")
+    page.click("#tab-operations")
+    expect(page.locator("#view-overview")).to_be_hidden()
+    expect(page.locator("#doctor-verdict")).to_have_text("ok")
+    expect(page.locator("#doctor-engine")).to_contain_text("sqlite: SQLite 3.")
+    expect(page.locator('#doctor-figures [data-field="journal_mode"]')).to_have_text("wal")
+    expect(page.locator('#doctor-figures [data-field="missing indexes"]')).to_have_text("none")
+
+    # a check finds the damage and changes nothing; with repair it fixes it
+    page.click("#check-form button[type=submit]")
+    expect(page.locator("#check-summary")).to_have_text("sqlite, tenant acme: 1 left to fix")
+    aggregates = page.locator('#check-rows tr[data-kind="aggregates"]')
+    expect(aggregates.locator('[data-count="found"]')).to_have_text("1")
+    expect(aggregates.locator('[data-count="repaired"]')).to_have_text("0")
+    expect(aggregates).to_contain_text(f"acme/{damaged}")
+    expect(
+        page.locator('#check-rows tr[data-kind="seq_gaps"] [data-count="repaired"]')
+    ).to_have_text("never")
+    page.check("#check-repair")
+    page.click("#check-form button[type=submit]")
+    expect(page.locator("#check-summary")).to_have_text(
+        "sqlite, tenant acme, repaired: nothing left to fix"
+    )
+    expect(aggregates.locator('[data-count="repaired"]')).to_have_text("1")
+
+    # archive: a dry run shows what would change and changes nothing, then its button applies it
+    page.fill("#lifecycle-older", "2d")
+    page.click("#lifecycle-form button[type=submit]")
+    expect(page.locator("#lifecycle-summary")).to_contain_text(
+        "Dry run: 2 sessions would be archived"
+    )
+    expect(page.locator("#lifecycle-sample li")).to_have_count(2)
+    apply = page.locator("#lifecycle-apply")
+    expect(apply).to_have_text("Archive 2 sessions")
+    page.click("#tab-overview")
+    expect(page.locator('[data-figure="Archived"] dd')).to_have_text("1")
+    page.click("#tab-operations")
+    shot = tmp_path / "operations.png"
+    page.screenshot(path=str(shot), full_page=True)
+    apply.click()
+    expect(page.locator("#lifecycle-summary")).to_contain_text("2 sessions archived")
+    expect(apply).to_be_hidden()
+    # run again: nothing is left to archive, so there is nothing to apply
+    page.click("#lifecycle-form button[type=submit]")
+    expect(page.locator("#lifecycle-summary")).to_contain_text(
+        "Dry run: 0 sessions would be archived"
+    )
+    expect(apply).to_be_hidden()
+    page.click("#tab-overview")
+    expect(page.locator('[data-figure="Archived"] dd')).to_have_text("3")
+
+    # a bad duration is refused with the server's reason
+    page.click("#tab-operations")
+    page.fill("#lifecycle-older", "2 days")
+    page.click("#lifecycle-form button[type=submit]")
+    expect(page.locator("#error")).to_contain_text("older_than")
+
+    assert all(url.startswith(served.base + "/") for url in requested), requested
+    assert not [url for url in requested if "sk_" in url]
+    assert errors == []
+    context.close()
+    print(f"\noperations view screenshot: {shot}")

@@ -6,6 +6,10 @@ from elsewhere) signs in with an API key, keeps it in ``sessionStorage`` and sen
 ``Authorization: Bearer`` to the same ``/v1`` routes any client calls, so it sees exactly
 what the key may see. The only route of its own is ``GET /ui/api/daily``: sessions created
 and completed per day, counted with one indexed ``count_sessions`` per day and figure.
+
+Views are tabs: Sessions (stats, the chart, the list, a conversation) and, for admin keys
+only, Operations (doctor, check and repair, archive and purge with a dry run first,
+restore), over the ``/v1/admin`` operations routes.
 """
 
 from __future__ import annotations

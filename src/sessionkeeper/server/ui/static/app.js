@@ -24,6 +24,8 @@
   let openId = null; // the session shown in the conversation panel
   let lastSeq = 0;
   let context = 0; // bumped by every sign-in, sign-out and tenant change
+  let view = "overview"; // the view shown: overview or operations
+  let pending = null; // the dry run shown, as {action, body, at}: what its button applies
   const tickets = {}; // the latest request of each kind: older answers are dropped
 
   function ticket(kind) {
@@ -83,6 +85,15 @@
   // --- the API ------------------------------------------------------------------------
 
   async function api(path, params, key) {
+    return request("GET", path, params, key, undefined);
+  }
+
+  // a POST of a JSON body (the operations), with the key signed in
+  async function post(path, params, body) {
+    return request("POST", path, params, undefined, body);
+  }
+
+  async function request(method, path, params, key, body) {
     const url = new URL(path, document.baseURI);
     for (const [name, value] of Object.entries(params || {})) {
       if (value !== undefined && value !== null && value !== "") {
@@ -92,28 +103,32 @@
     if (me && tenant && tenant !== me.tenant) url.searchParams.set("tenant", tenant);
     let response;
     try {
+      const headers = {
+        Authorization: `Bearer ${key || sessionStorage.getItem(KEY) || ""}`,
+        Accept: "application/json",
+      };
+      if (body !== undefined) headers["Content-Type"] = "application/json";
       response = await fetch(url, {
-        headers: {
-          Authorization: `Bearer ${key || sessionStorage.getItem(KEY) || ""}`,
-          Accept: "application/json",
-        },
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
         cache: "no-store",
         credentials: "omit",
       });
     } catch (exc) {
       throw new ApiError(0, "the server cannot be reached");
     }
-    let body = null;
+    let answer = null;
     try {
-      body = await response.json();
+      answer = await response.json();
     } catch (exc) {
-      body = null;
+      answer = null;
     }
     if (!response.ok) {
-      const detail = body && typeof body.detail === "string" ? body.detail : "";
+      const detail = answer && typeof answer.detail === "string" ? answer.detail : "";
       throw new ApiError(response.status, detail || `HTTP ${response.status}`);
     }
-    return body;
+    return answer;
   }
 
   function failed(exc) {
@@ -141,6 +156,11 @@
     show($("sign-in-error"), false);
     show($("who"), true);
     show($("dashboard"), true);
+    // operations are for admin keys: the server refuses others (403) and the page hides them
+    show($("tab-operations"), me.role === "admin");
+    show($("ops-denied"), false);
+    show($("ops-work"), true);
+    if (me.role !== "admin") showView("overview", false);
     await pickTenants();
     await reload(true);
   }
@@ -152,6 +172,8 @@
     tenant = null;
     context += 1;
     closeConversation();
+    clearOperations();
+    showView("overview", false);
     // nothing of the last key's data stays in the page, nor its search
     for (const id of ["figures", "top-owners", "chart", "session-rows", "messages",
       "session-fields", "tenant"]) {
@@ -444,7 +466,215 @@
     for (const row of $("session-rows").children) row.classList.remove("selected");
   }
 
+  // --- operations: doctor, check, archive and purge (admin keys) ------------------------
+
+  const LIFECYCLE = { archive: "../v1/admin/archive", purge: "../v1/admin/purge-sessions" };
+
+  function bytes(n) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let value = Number(n);
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+  }
+
+  function pairs(node, rows) {
+    node.replaceChildren(
+      ...rows.flatMap(([name, value]) => [
+        el("dt", {}, name),
+        el("dd", { "data-field": name }, String(value)),
+      ]),
+    );
+  }
+
+  // a 403 means this key may not run operations: say so instead of a bare error
+  function opsFailed(exc) {
+    if (exc instanceof ApiError && exc.status === 403) {
+      show($("ops-denied"), true);
+      show($("ops-work"), false);
+      return;
+    }
+    failed(exc);
+  }
+
+  // runs an operation with its button disabled, so one click is one request
+  async function busy(button, work) {
+    show($("error"), false);
+    button.disabled = true;
+    try {
+      await work();
+    } catch (exc) {
+      opsFailed(exc);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function clearOperations() {
+    clearPending();
+    $("doctor-verdict").textContent = "";
+    $("doctor-verdict").className = "verdict";
+    for (const id of ["doctor-warnings", "doctor-figures", "check-rows", "lifecycle-figures",
+      "lifecycle-sample"]) {
+      $(id).replaceChildren();
+    }
+    for (const id of ["doctor-engine", "check-summary", "lifecycle-summary", "restore-result"]) {
+      $(id).textContent = "";
+    }
+    for (const id of ["check-summary", "check-table", "lifecycle-result", "restore-result"]) {
+      show($(id), false);
+    }
+  }
+
+  async function loadDoctor() {
+    const current = ticket("doctor");
+    const report = await api("../v1/admin/doctor");
+    if (!current()) return;
+    const verdict = $("doctor-verdict");
+    verdict.textContent = report.verdict;
+    verdict.className = `verdict verdict-${report.verdict}`;
+    const schema = report.schema_version === null ? "" : `, schema version ${report.schema_version}`;
+    $("doctor-engine").textContent = `${report.engine}: ${report.server_version}${schema}`;
+    $("doctor-warnings").replaceChildren(
+      ...(report.warnings.length
+        ? report.warnings.map((w) => el("li", { class: "warning" }, w))
+        : [el("li", { class: "muted" }, "No warnings: nothing to change.")]),
+    );
+    pairs($("doctor-figures"), [
+      ...Object.entries(report.settings),
+      ...Object.entries(report.counts).map(([name, n]) => [name, count(n)]),
+      ...Object.entries(report.sizes).map(([name, n]) => [`${name} size`, bytes(n)]),
+      ["missing indexes", report.missing_indexes.join(", ") || "none"],
+    ]);
+  }
+
+  async function runCheck() {
+    const current = ticket("check");
+    const report = await post("../v1/admin/check", {
+      repair: $("check-repair").checked,
+      all_tenants: $("check-all").checked,
+    });
+    if (!current()) return;
+    const scope = report.tenant === null ? "every tenant" : `tenant ${report.tenant}`;
+    const verdict = report.ok ? "nothing left to fix" : `${count(report.left)} left to fix`;
+    const summary = $("check-summary");
+    summary.textContent =
+      `${report.engine}, ${scope}${report.repair ? ", repaired" : ""}: ${verdict}`;
+    summary.className = `summary ${report.ok ? "good" : "bad"}`;
+    $("check-rows").replaceChildren(
+      ...Object.entries(report.counts).map(([kind, c]) =>
+        el(
+          "tr",
+          { "data-kind": kind, class: c.found ? "found" : "" },
+          el("td", {}, kind.replace(/_/g, " ")),
+          el("td", { class: "num", "data-count": "found" }, count(c.found)),
+          el(
+            "td",
+            { class: "num", "data-count": "repaired" },
+            c.repairable ? count(c.repaired) : "never",
+          ),
+          el("td", { class: "samples" }, c.samples.slice(0, 5).join("\n")),
+        ),
+      ),
+    );
+    show(summary, true);
+    show($("check-table"), true);
+  }
+
+  function clearPending() {
+    pending = null;
+    show($("lifecycle-apply"), false);
+  }
+
+  function showLifecycle(action, report) {
+    const done = action === "archive" ? report.archived : report.purged;
+    const verb = action === "archive" ? "archived" : "purged";
+    const summary = report.dry_run
+      ? `Dry run: ${count(done)} sessions would be ${verb}`
+      : `${count(done)} sessions ${verb}`;
+    $("lifecycle-summary").textContent =
+      `${summary}, last active before ${when(report.cutoff)}. ` +
+      (report.dry_run ? "Nothing was changed." : "");
+    const figures = [];
+    if (action === "archive") {
+      figures.push(["tenants", count(report.tenants)]);
+    } else {
+      const expired =
+        report.expired !== null ? count(report.expired)
+          : report.dry_run ? "not counted in a dry run" : "not asked for";
+      figures.push(["expired", expired], ["old", count(report.old)]);
+    }
+    figures.push(["skipped", count(report.skipped)], ["failed", count(report.failed)]);
+    pairs($("lifecycle-figures"), figures);
+    $("lifecycle-sample").replaceChildren(
+      ...report.sample.slice(0, 10).map((name) => el("li", {}, name)),
+      ...report.errors.slice(0, 10).map((e) => el("li", { class: "warning" }, e)),
+    );
+    show($("lifecycle-result"), true);
+  }
+
+  async function dryRun() {
+    clearPending();
+    const current = ticket("lifecycle");
+    const action = $("lifecycle-action").value;
+    const body = {
+      older_than: $("lifecycle-older").value.trim(),
+      all_tenants: $("lifecycle-all").checked,
+    };
+    if (action === "purge" && $("lifecycle-expired").checked) body.expired = true;
+    const report = await post(LIFECYCLE[action], {}, { ...body, dry_run: true });
+    if (!current()) return;
+    showLifecycle(action, report);
+    const n = action === "archive" ? report.archived : report.old;
+    if (n === 0 && !body.expired) return;
+    pending = { action, body, at: context };
+    const button = $("lifecycle-apply");
+    button.textContent = action === "archive"
+      ? `Archive ${count(n)} sessions`
+      : `Purge ${count(n)} sessions${body.expired ? " and the expired ones" : ""}`;
+    show(button, true);
+  }
+
+  async function applyLifecycle() {
+    const chosen = pending;
+    clearPending();
+    if (chosen === null || chosen.at !== context) return;
+    const current = ticket("lifecycle");
+    const report = await post(LIFECYCLE[chosen.action], {}, { ...chosen.body, dry_run: false });
+    if (current()) showLifecycle(chosen.action, report);
+  }
+
+  async function restoreSession() {
+    const current = ticket("restore");
+    const id = $("restore-id").value.trim();
+    const report = await post("../v1/admin/restore", {}, { session_id: id });
+    if (!current()) return;
+    const box = $("restore-result");
+    box.textContent = report.reactivated
+      ? `Session ${report.session_id} of tenant ${report.tenant} is active again.`
+      : `Session ${report.session_id} was not archived (it is ${report.status}): ` +
+        "nothing changed.";
+    show(box, true);
+  }
+
   // --- wiring -------------------------------------------------------------------------
+
+  function showView(name, load) {
+    view = name;
+    for (const tab of $("views").querySelectorAll("[data-view]")) {
+      tab.setAttribute("aria-selected", String(tab.dataset.view === name));
+    }
+    for (const panel of document.querySelectorAll("[data-view-panel]")) {
+      show(panel, panel.dataset.viewPanel === name);
+    }
+    if (!load) return;
+    show($("error"), false);
+    const loading = name === "operations" ? loadDoctor().catch(opsFailed) : reload(false);
+    loading.catch(failed);
+  }
 
   async function reload(fromStart) {
     show($("error"), false);
@@ -453,12 +683,14 @@
       cursors = [null];
       pageIndex = 0;
       closeConversation();
+      clearOperations();
     }
     const opened = openId;
     await Promise.all([
       loadStats(),
       loadSessions(true),
       opened ? openSession(opened) : null,
+      view === "operations" ? loadDoctor().catch(opsFailed) : null,
     ]);
   }
 
@@ -504,6 +736,25 @@
       loadSessions(false).catch(failed);
     });
     $("close-conversation").addEventListener("click", closeConversation);
+    for (const tab of $("views").querySelectorAll("[data-view]")) {
+      tab.addEventListener("click", () => showView(tab.dataset.view, true));
+    }
+    const submit = (form, work) => {
+      $(form).addEventListener("submit", (event) => {
+        event.preventDefault();
+        busy(event.submitter || $(form).querySelector("button"), work);
+      });
+    };
+    submit("check-form", runCheck);
+    submit("lifecycle-form", dryRun);
+    submit("restore-form", restoreSession);
+    $("lifecycle-apply").addEventListener("click", (event) =>
+      busy(event.currentTarget, applyLifecycle));
+    // what the confirm button applies is what the dry run showed: any change undoes it
+    $("lifecycle-form").addEventListener("input", clearPending);
+    $("lifecycle-action").addEventListener("change", () => {
+      show($("lifecycle-expired-box"), $("lifecycle-action").value === "purge");
+    });
     $("more-messages").addEventListener("click", () => moreMessages().catch(failed));
 
     const stored = sessionStorage.getItem(KEY);
