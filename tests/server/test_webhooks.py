@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 import tomllib
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -36,8 +38,10 @@ from sessionkeeper.server.webhooks import (
     verify_signature,
 )
 from sessionkeeper.store import SessionStore
+from tests.contract.namespaces import drop_namespace
 
 from .conftest import client_of
+from .processes import Served
 
 SECRET = "whsec-test-3f9a"
 
@@ -503,3 +507,77 @@ def test_httpx_is_in_the_server_extra() -> None:
     text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     extras = tomllib.loads(text)["project"]["optional-dependencies"]
     assert "httpx>=0.27" in extras["server"]
+
+
+# --- two `serve` processes -------------------------------------------------------------
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)],
+)
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'served.db'}"
+        return
+    made = f"postgresql://127.0.0.1:5432/test?schema=sk_hooks_{secrets.token_hex(4)}"
+    yield made
+    drop_namespace(made)
+
+
+@pytest.mark.slow
+def test_two_serve_processes_send_each_completion_once(shared_url: str, receiver: Receiver) -> None:
+    env = {
+        "SESSIONKEEPER_WEBHOOK_URL": receiver.url,
+        "SESSIONKEEPER_WEBHOOK_SECRET": SECRET,
+        "SESSIONKEEPER_WEBHOOK_EVENTS": '["completed"]',
+    }
+
+    async def admin_key() -> str:
+        async with open_store(shared_url, settings=Settings(url=shared_url)) as store:
+            return (await create_key(store, tenant="default", role="admin"))[1]
+
+    token = asyncio.run(admin_key())
+    servers = [Served(shared_url, env=env), Served(shared_url, env=env)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        ids = asyncio.run(_complete_through_both(servers[0].base, servers[1].base, token))
+        deadline = time.monotonic() + 20
+        while len(receiver.received) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.5)  # more than two polls of each dispatcher: nothing more comes
+    finally:
+        outputs = [server.stop() for server in servers]
+    assert len(receiver.received) == len(ids), outputs
+    assert sorted(json.loads(r.body)["session_id"] for r in receiver.received) == sorted(ids)
+    assert set(receiver.events()) == {"completed"}
+    for sent in receiver.received:
+        headers = sent.headers
+        assert verify_signature(
+            SECRET,
+            headers["x-sessionkeeper-timestamp"],
+            sent.body,
+            headers["x-sessionkeeper-signature"],
+        )
+
+
+async def _complete_through_both(one_url: str, two_url: str, token: str) -> list[str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx.AsyncClient(base_url=one_url, headers=headers) as one,
+        httpx.AsyncClient(base_url=two_url, headers=headers) as two,
+    ):
+        ids = []
+        for _ in range(5):
+            made = await one.post("/v1/sessions", json={"title": "t"})
+            assert made.status_code == 201, made.text
+            ids.append(made.json()["id"])
+        answers = await asyncio.gather(
+            *(
+                client.patch(f"/v1/sessions/{sid}", json={"status": "completed"})
+                for sid in ids
+                for client in (one, two)
+            )
+        )
+        assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+        return ids
