@@ -323,6 +323,23 @@ async def test_a_dead_dispatchers_lease_runs_out(
     assert receiver.deliveries() == [pending.id]
 
 
+async def test_the_task_sends_at_once_after_an_event(
+    store: SessionStore, receiver: Receiver
+) -> None:
+    async with Webhooks(store, poll_interval=60.0):  # no poll within the test: a wake-up
+        await asyncio.sleep(0.05)  # its first pass, over an empty outbox
+        session = await store.create_session()
+        await store.update_session(session.id, status="completed")
+        for _ in range(500):
+            if receiver.received:
+                break
+            await asyncio.sleep(0.01)
+    assert receiver.events() == ["completed"]
+    session = await store.create_session()
+    await store.update_session(session.id, status="completed")  # stopped: hooks removed
+    assert await list_deliveries(store, status="pending") == []
+
+
 async def test_a_receiver_that_is_down_is_an_error_attempt(
     receiver: Receiver, clock: FrozenClock
 ) -> None:

@@ -86,6 +86,7 @@ _DAY = 86_400.0
 _LEASE_MARGIN = 60.0
 _MAX_ERROR = 300
 _MAX_LISTED = 1000
+_MAX_PER_PASS = 1000  # deliveries one pass tries; the next pass starts at once for more
 
 _SUMMARY_FIELDS = set(SessionSummary.model_fields)
 
@@ -300,7 +301,7 @@ async def _insert(store: SessionStore, record: Record, now: float) -> bool:
     expires = _expiry(store.settings, now)
 
     def insert(value: str | None) -> tuple[str | None, float | None, bool]:
-        return (value, None, False) if value is not None else (text, expires, True)
+        return (value, expires, False) if value is not None else (text, expires, True)
 
     return await store.engine.update_guard(SERVER_TENANT, _OUTBOX + record["id"], insert, now)
 
@@ -454,7 +455,7 @@ class Webhooks:
         self._client: httpx.AsyncClient | None = None
         self._removers: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # made by start(), in the running loop
 
     # --- events in -----------------------------------------------------------------------
 
@@ -480,7 +481,8 @@ class Webhooks:
             record = _new_record(event, secrets.token_hex(12), now)
             if await _insert(self._store, record, now):
                 break
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         return str(record["id"])
 
     # --- deliveries out --------------------------------------------------------------------
@@ -499,6 +501,10 @@ class Webhooks:
                 due.append(record["id"])
         if not due:
             return 0
+        if len(due) > _MAX_PER_PASS:
+            due = due[:_MAX_PER_PASS]
+            if self._wake is not None:
+                self._wake.set()
         gate = asyncio.Semaphore(self.concurrency)
 
         async def attempt(delivery_id: str) -> bool:
@@ -582,20 +588,22 @@ class Webhooks:
     async def run(self) -> None:
         """Deliver what is due, then wait for an event or ``poll_interval``, until
         cancelled. A pass that fails (the engine is down) is logged and the next runs."""
+        wake = self._wake = self._wake or asyncio.Event()
         while True:
-            self._wake.clear()
+            wake.clear()
             try:
                 await self.deliver_due()
             except Exception:
                 _log.exception("webhooks: a pass failed; the next runs in %g s", self.poll_interval)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
-                    await self._wake.wait()
+                    await wake.wait()
 
     def start(self) -> None:
         """Install the hooks and run the dispatcher as a task of the running loop."""
         self.install()
         if self._task is None:
+            self._wake = asyncio.Event()
             self._task = asyncio.create_task(self.run(), name="sessionkeeper-webhooks")
 
     async def stop(self) -> None:
@@ -611,6 +619,7 @@ class Webhooks:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+        self._wake = None
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
