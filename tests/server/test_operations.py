@@ -1,4 +1,4 @@
-"""The operations routes against the real app, on SQLite and PostgreSQL: check finds damage
+"""The operations routes against the real app, on SQLite, PostgreSQL and Redis: check finds damage
 made on purpose and repairs it, doctor's verdict, archive, restore and purge with their
 dry runs, admin keys only, and bad input refused by name with nothing changed."""
 
@@ -28,6 +28,7 @@ DAY = 86_400.0
 URLS = {
     "sqlite": "sqlite:///{tmp}/ops.db",
     "postgresql": "postgresql://127.0.0.1:5432/test?schema=sk_t_ops_{n}",
+    "redis": "redis://127.0.0.1:6379/0?prefix=sk_t_ops_{n}:",
 }
 
 
@@ -44,6 +45,7 @@ class Ops:
     params=[
         pytest.param("sqlite", id="sqlite"),
         pytest.param("postgresql", id="postgresql", marks=pytest.mark.server),
+        pytest.param("redis", id="redis", marks=pytest.mark.server),
     ]
 )
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -130,7 +132,8 @@ async def test_damage_is_found_then_repaired_over_http(ops: Ops) -> None:
     seen_found = found(seen)
     assert seen_found.pop("aggregates") == (1, 0)
     assert seen_found.pop("missing_folder") == (1, 0)
-    assert set(seen_found) <= {"dangling_index"}  # where an index still names the lost one
+    # the lost session's index entries, and its messages where they carry the tenant
+    assert set(seen_found) <= {"dangling_index", "orphan_messages"}
     assert seen["ok"] is False
     assert seen["left"] >= 2
     assert seen["counts"]["aggregates"]["samples"] == [f"alpha/{wrong_counts}"]
