@@ -26,6 +26,7 @@ from sessionkeeper import (
     SessionStore,
     Settings,
     VersionConflict,
+    checks,
     open_store,
 )
 from sessionkeeper.engines.postgres import (
@@ -335,6 +336,111 @@ async def test_an_older_schema_is_upgraded_in_place_with_its_data(
         # the activity row copied from the old session row, then moved by the append
         listed = await store.list_sessions(order_by="updated_at", owner="ann")
         assert [(s.id, s.updated_at.timestamp()) for s in listed.items] == [("old", 100.0)]
+
+
+async def test_an_older_schema_gets_its_stats_totals_from_its_rows(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A schema of version 4 (before the totals) with sessions of two owners and none, three
+    statuses and one expired session not purged yet: the upgrade counts them all, and the
+    stats leave out the expired one."""
+    async with asyncpg.create_pool(SERVER, min_size=1, max_size=1) as pool, pool.acquire() as conn:
+        await migrate(conn, schema, target=4)
+    s = f'"{schema}"'
+    rows = [
+        ("ann", "active", None),
+        ("ann", "completed", None),
+        ("bob", "active", 5000.0),
+        (None, "archived", None),
+        ("bob", "active", 50.0),  # expired at 100
+    ]
+    for i, (owner, status, expires_at) in enumerate(rows):
+        await raw.execute(
+            f"WITH s AS (INSERT INTO {s}.sessions (tenant, id, owner, folder, title, status, "
+            "step, metadata, version, created_at, updated_at, expires_at, idle_ttl, deadline, "
+            "message_count, last_seq, input_tokens, output_tokens, cost) VALUES ('default', "
+            "$1, $2, NULL, 't', $3, NULL, '{}', 1, 10, 20, $4, NULL, NULL, $5, $5, $6, $5, $7) "
+            f"RETURNING pk, tenant, owner, id, updated_at), st AS (INSERT INTO {s}.states "
+            f"SELECT pk, '{{}}' FROM s) INSERT INTO {s}.activity SELECT pk, tenant, "
+            "coalesce(owner, ''), id, updated_at FROM s",
+            f"s{i}",
+            owner,
+            status,
+            expires_at,
+            i,
+            10 * i,
+            0.25 * i,
+        )
+    assert await versions(raw, schema) == [1, 2, 3, 4]
+
+    async with store_at(url, FrozenClock(100.0)) as store:
+        stats = await store.stats()
+        await store.append_message("s0", "user", "after", input_tokens=1, cost=0.5)
+        after = await store.stats()
+    assert await versions(raw, schema) == list(range(1, SCHEMA_VERSION + 1))
+    assert (stats.total, stats.active, stats.completed, stats.archived) == (4, 2, 1, 1)
+    assert (stats.messages, stats.input_tokens, stats.output_tokens) == (6, 60, 6)
+    assert stats.cost == 1.5
+    assert [(o.owner, o.sessions) for o in stats.top_owners] == [("ann", 2), (None, 1), ("bob", 1)]
+    assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == [
+        (None, 0.75),
+        ("bob", 0.5),
+        ("ann", 0.25),
+    ]
+    assert (after.messages, after.input_tokens, after.cost) == (7, 61, 2.0)
+    totals = await raw.fetch(
+        f"SELECT owner_key, status, sum(sessions)::int, sum(messages)::int, sum(cost) "
+        f"FROM {s}.totals GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    # the expired session is still counted in the totals, until purge removes it
+    assert [tuple(row) for row in totals] == [
+        ("", "archived", 1, 3, 0.75),
+        ("ann", "active", 1, 1, 0.5),
+        ("ann", "completed", 1, 1, 0.25),
+        ("bob", "active", 2, 6, 1.5),
+    ]
+
+
+async def test_totals_take_row_locks_in_one_order_and_drop_emptied_shards(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Concurrent creates, appends, moves and deletes of one owner's sessions (which share
+    the owner's few totals rows) neither deadlock nor lose a count; a shard whose sessions
+    are all gone is deleted."""
+    async with store_at(url, pool_size=8) as store:
+        ids = [(await store.create_session(owner="ann")).id for _ in range(24)]
+
+        async def work(i: int) -> None:
+            for n in range(5):
+                await store.append_message(ids[i], "user", f"m{n}", cost=0.25)
+            if i % 3 == 0:
+                await store.update_session(ids[i], status="completed")
+            if i % 4 == 0:
+                await store.delete_session(ids[i])
+
+        await asyncio.gather(*(work(i) for i in range(24)))
+        stats = await store.stats()
+        assert (stats.total, stats.completed, stats.messages) == (18, 6, 90)
+        assert stats.cost == 22.5
+        for session_id in ids[1::4] + ids[2::4] + ids[3::4]:
+            await store.delete_session(session_id)
+        assert (await store.stats()).total == 0
+    assert await raw.fetchval(f'SELECT count(*) FROM "{schema}".totals') == 0
+
+
+async def test_doctor_finds_the_totals_triggers_or_table_missing(
+    url: str, schema: str, raw: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with store_at(url) as store:
+        assert (await checks.doctor(store)).ok
+        await raw.execute(f'ALTER TABLE "{schema}".sessions DISABLE TRIGGER totals_update')
+        warnings = (await checks.doctor(store)).report.warnings
+        assert len(warnings) == 1
+        assert "totals_update" in warnings[0]
+        assert "check --repair" in warnings[0]
+        await raw.execute(f'DROP TABLE "{schema}".totals')
+        warnings = (await checks.doctor(store)).report.warnings
+        assert ["table totals is missing" in warning for warning in warnings] == [True]
 
 
 async def test_appends_leave_every_index_of_sessions_alone(

@@ -31,6 +31,7 @@ __all__ = [
     "MessageDraft",
     "MessageIn",
     "MessageRecord",
+    "OwnerCost",
     "OwnerCount",
     "Page",
     "RateLimitResult",
@@ -164,6 +165,13 @@ class OwnerCount(BaseModel):
     sessions: int
 
 
+class OwnerCost(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    owner: str | None
+    cost: float
+
+
 class Stats(BaseModel):
     """Figures over one tenant's live sessions."""
 
@@ -180,6 +188,9 @@ class Stats(BaseModel):
     output_tokens: int
     cost: float
     top_owners: list[OwnerCount]
+    top_owners_by_cost: list[OwnerCost] = Field(
+        default_factory=list, description="Owners by the cost of their live sessions"
+    )
 
 
 class RateLimitResult(BaseModel):
@@ -389,6 +400,7 @@ CHECK_KINDS = (
     "orphan_messages",
     "missing_folder",
     "dangling_index",
+    "totals",
     "quarantined_file",
 )
 REPORT_ONLY_KINDS = frozenset({"seq_gaps", "quarantined_file"})

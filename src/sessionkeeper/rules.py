@@ -24,6 +24,7 @@ from .models import (
     Change,
     MessageDraft,
     MessageRecord,
+    OwnerCost,
     OwnerCount,
     SessionQuery,
     SessionRecord,
@@ -354,6 +355,10 @@ def stats_of(records: list[SessionRecord], since: float, top: int) -> Stats:
     statuses = Counter(r.status for r in records)
     owners = Counter(r.owner for r in records)
     ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
+    costs: dict[str | None, float] = {}
+    for r in records:
+        costs[r.owner] = costs.get(r.owner, 0.0) + r.cost
+    by_cost = sorted(costs.items(), key=lambda item: (-item[1], item[0] or ""))
     total = len(records)
     return Stats(
         total=total,
@@ -367,6 +372,7 @@ def stats_of(records: list[SessionRecord], since: float, top: int) -> Stats:
         output_tokens=sum(r.output_tokens for r in records),
         cost=sum(r.cost for r in records),
         top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
+        top_owners_by_cost=[OwnerCost(owner=o, cost=c) for o, c in by_cost[:top]],
     )
 
 

@@ -105,6 +105,17 @@ class Damage:
         if lost_entry:
             await e._redis.hdel(e._tenant(self.tenant).entries, session_id)
 
+    async def totals(self) -> None:
+        """The stats totals of the SQL engines off: one owner's inflated, the sessions
+        without an owner lost."""
+        if not isinstance(self.engine, SQLiteEngine | PostgresEngine):
+            pytest.skip(f"{self.engine.name} keeps no totals apart from its records")
+        await self._sql(
+            "UPDATE {s}totals SET sessions = sessions + 5, messages = messages + 1 "
+            "WHERE owner_key = 'ann'"
+        )
+        await self._sql("DELETE FROM {s}totals WHERE owner_key = ''")
+
     def quarantine(self, session_id: str) -> None:
         """A record that is not JSON (only the files engine quarantines)."""
         e = self.engine
@@ -249,6 +260,32 @@ async def test_index_entries_of_no_session_are_removed(store: SessionStore, dama
     assert counts(await checks.check(store, repair=True)) == {"dangling_index": (2, 2)}
     assert counts(await checks.check(store)) == {}
     assert [s.id for s in (await store.list_sessions(owner="ann")).items] == [kept]
+
+
+async def test_stats_totals_that_disagree_with_the_sessions_are_rebuilt(
+    store: SessionStore, damage: Damage
+) -> None:
+    await conversation(store, owner="ann")
+    await conversation(store, owner="ann")
+    await conversation(store)
+    sound = await store.stats()
+    await damage.totals()
+    assert await store.stats() != sound
+
+    found = await checks.check(store)
+    assert counts(found) == {"totals": (2, 0)}
+    assert found.to_dict()["counts"]["totals"]["samples"] == [
+        f"{store.tenant}/(no owner)/active",
+        f"{store.tenant}/ann/active",
+    ]
+    assert counts(await checks.check(store, repair=True)) == {"totals": (2, 2)}
+    assert await store.stats() == sound
+    assert counts(await checks.check(store, all_tenants=True)) == {}
+    session_id = await conversation(store, owner="bob")  # the triggers still keep them
+    await store.update_session(session_id, status="completed")
+    stats = await store.stats()
+    assert (stats.total, stats.completed, stats.messages) == (4, 1, 12)
+    assert counts(await checks.check(store)) == {}
 
 
 async def test_quarantined_files_are_listed_never_deleted(

@@ -129,8 +129,62 @@ async def test_stats(store: SessionStore, clock: FrozenClock) -> None:
     assert (stats.messages, stats.input_tokens, stats.output_tokens) == (1, 3, 1)
     assert stats.cost == pytest.approx(0.5)
     assert [(o.owner, o.sessions) for o in stats.top_owners] == [("ann", 3), ("bob", 2)]
+    # by cost, ties by owner with none first
+    assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == [("ann", 0.5), (None, 0.0)]
 
 
 async def test_stats_of_an_empty_tenant(store: SessionStore) -> None:
     stats = await store.stats()
     assert (stats.total, stats.completion_rate, stats.top_owners) == (0, 0.0, [])
+    assert stats.top_owners_by_cost == []
+
+
+async def test_stats_follow_every_write_and_leave_out_expired_sessions_at_once(
+    store: SessionStore, clock: FrozenClock
+) -> None:
+    """Creates, appends, pops, clears, owner and status moves, deletes, and sessions that
+    expire before purge removes them: the figures are those of the live sessions."""
+    for name, owner in [("a", "ann"), ("b", "bob"), ("c", "bob"), ("d", None)]:
+        await store.create_session(session_id=name, owner=owner)
+    await store.create_session(session_id="e", owner="eve", ttl=10)
+    await store.append_message("a", "user", "1", input_tokens=1, cost=0.25)
+    await store.append_message("a", "user", "2", output_tokens=2, cost=0.5)
+    await store.append_message("b", "user", "3", input_tokens=4, cost=2.0)
+    await store.append_message("c", "user", "4", cost=1.0)
+    await store.append_message("e", "user", "5", input_tokens=100, cost=50.0)
+    await store.pop_message("a")  # a: 1 message, 1 input token, 0.25
+    await store.update_session("c", owner="ann", status="completed")
+    await store.append_message("d", "user", "6", output_tokens=8, cost=0.125)
+    await store.clear_messages("d")
+    await store.create_session(session_id="f", owner="bob")
+    await store.delete_session("f")
+
+    stats = await store.stats(top=3)
+    assert (stats.total, stats.active, stats.completed) == (5, 4, 1)
+    assert (stats.messages, stats.input_tokens, stats.output_tokens) == (4, 105, 0)
+    assert stats.cost == pytest.approx(53.25)
+    assert [(o.owner, o.sessions) for o in stats.top_owners] == [
+        ("ann", 2),
+        (None, 1),
+        ("bob", 1),
+    ]
+    assert [o.owner for o in stats.top_owners_by_cost] == ["eve", "bob", "ann"]
+
+    clock.advance(11)  # e expires; nothing has purged it
+    stats = await store.stats(top=3)
+    assert (stats.total, stats.active, stats.completed, stats.archived) == (4, 3, 1, 0)
+    assert (stats.messages, stats.input_tokens, stats.output_tokens) == (3, 5, 0)
+    assert stats.cost == pytest.approx(3.25)
+    assert stats.completion_rate == pytest.approx(1 / 4)
+    assert [(o.owner, o.sessions) for o in stats.top_owners] == [
+        ("ann", 2),
+        (None, 1),
+        ("bob", 1),
+    ]
+    assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == [
+        ("bob", pytest.approx(2.0)),
+        ("ann", pytest.approx(1.25)),
+        (None, 0.0),
+    ]
+    await store.purge_expired()
+    assert await store.stats(top=3) == stats

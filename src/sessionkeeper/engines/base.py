@@ -31,7 +31,7 @@ from ..models import (
     Stats,
 )
 
-__all__ = ["Engine", "Tally", "has_gap", "tally_differs"]
+__all__ = ["Engine", "Tally", "Totals", "TotalsKey", "has_gap", "tally_differs", "totals_differing"]
 
 T = TypeVar("T")
 
@@ -67,6 +67,26 @@ def tally_differs(stored: tuple[int, int, int, float, int], tally: Tally) -> boo
         or abs(stored[3] - cost) > 1e-9 * max(1.0, abs(cost))
         or stored[4] < high
     )
+
+
+# One key of the SQL engines' stats totals, (tenant, owner key, status), and what it holds:
+# sessions, messages, input and output tokens, cost.
+TotalsKey = tuple[str, str, str]
+Totals = tuple[int, int, int, int, float]
+
+
+def totals_differing(
+    stored: dict[TotalsKey, Totals], actual: dict[TotalsKey, Totals]
+) -> list[TotalsKey]:
+    """The keys whose stored totals disagree with what the sessions add up to (a key
+    missing on one side counts as all zeros; costs may differ by rounding)."""
+    zero: Totals = (0, 0, 0, 0, 0.0)
+    differing = []
+    for key in sorted(stored.keys() | actual.keys()):
+        mine, real = stored.get(key, zero), actual.get(key, zero)
+        if mine[:4] != real[:4] or abs(mine[4] - real[4]) > 1e-9 * max(1.0, abs(real[4])):
+            differing.append(key)
+    return differing
 
 
 def has_gap(tally: Tally) -> bool:
@@ -196,7 +216,10 @@ class Engine(ABC):
     @abstractmethod
     async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
         """Figures over live sessions; ``active_last_24h`` counts those updated at or after
-        ``since``; ``top_owners`` the ``top`` owners with most sessions."""
+        ``since``; ``top_owners`` the ``top`` owners with most sessions and
+        ``top_owners_by_cost`` those whose sessions cost most (ties: by owner, none first).
+        Never by loading every session where storage can aggregate: the SQL engines keep
+        per-owner totals, so stats cost O(owners + recently active + expired unpurged)."""
 
     # --- folders -----------------------------------------------------------------------
 
@@ -291,7 +314,9 @@ class Engine(ABC):
         and gives the session a new version. ``seq_gaps``: reported only. ``orphan_messages``
         (messages of no session): repair deletes them. ``missing_folder``: a session whose
         folder does not exist; repair clears its folder and keeps the session.
-        ``dangling_index``: an index entry of no session; repair removes it.
+        ``dangling_index``: an index entry of no session; repair removes it. ``totals``:
+        a row of the SQL engines' per-owner totals (which stats read) that disagrees with
+        the sessions; repair recomputes the tenant's totals from its sessions.
         ``quarantined_file``: reported only. Each repair is atomic per session and
         re-checks the damage inside its write, so a concurrent write is never undone.
         Expired sessions are checked too: purge has not removed them yet."""

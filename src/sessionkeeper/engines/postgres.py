@@ -38,13 +38,14 @@ from ..models import (
     GuardUpdate,
     MessageDraft,
     MessageRecord,
+    OwnerCost,
     OwnerCount,
     SessionQuery,
     SessionRecord,
     Stats,
 )
 from ..settings import Settings
-from .base import Engine, Tally, has_gap, tally_differs
+from .base import Engine, Tally, has_gap, tally_differs, totals_differing
 from .turns import Turns
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ __all__ = [
     "PostgresEngine",
     "list_sql",
     "migrate",
+    "stats_sql",
 ]
 
 T = TypeVar("T")
@@ -116,6 +118,74 @@ _IDLE_IN_TRANSACTION = 5  # server_timeouts a transaction may wait for its clien
 # sorted is COLLATE "C": code-point order, as the other engines sort, whatever the
 # database's locale. State and session metadata are jsonb; message content and metadata
 # are text, stored and returned byte for byte (the hot path parses no JSON).
+# What one statement on sessions adds to each key and shard of the totals: the rows it
+# inserted count in, those it deleted count out, and a row it updated counts out as it was
+# and in as it is, when a counted column or the key moved. One upsert per key and shard,
+# in key order; then the rows that lost their last session go.
+_TOTALS_DELTA = (
+    "SELECT {side}tenant, coalesce({side}owner, '') AS owner_key, {side}status, "
+    "{side}pk % 8 AS shard, {sign}1 AS sessions, {sign}{side}message_count AS messages, "
+    "{sign}{side}input_tokens AS input_tokens, {sign}{side}output_tokens AS output_tokens, "
+    "{sign}{side}cost AS cost FROM {rows}"
+)
+_TOTALS_MOVED = (
+    "new_rows n JOIN old_rows o ON o.pk = n.pk WHERE (n.tenant, n.owner, n.status, "
+    "n.message_count, n.input_tokens, n.output_tokens, n.cost) IS DISTINCT FROM (o.tenant, "
+    "o.owner, o.status, o.message_count, o.input_tokens, o.output_tokens, o.cost)"
+)
+_TOTALS_UPSERT = """WITH written AS (
+                INSERT INTO {s}.totals AS t
+                SELECT tenant, owner_key, status, shard, sum(sessions), sum(messages),
+                    sum(input_tokens), sum(output_tokens), sum(cost) FROM (@DELTAS@) d
+                GROUP BY tenant, owner_key, status, shard
+                HAVING sum(sessions) <> 0 OR sum(messages) <> 0 OR sum(input_tokens) <> 0
+                    OR sum(output_tokens) <> 0 OR sum(cost) <> 0
+                ORDER BY tenant, owner_key, status, shard
+                ON CONFLICT (tenant, owner_key, status, shard) DO UPDATE SET
+                    sessions = t.sessions + excluded.sessions,
+                    messages = t.messages + excluded.messages,
+                    input_tokens = t.input_tokens + excluded.input_tokens,
+                    output_tokens = t.output_tokens + excluded.output_tokens,
+                    cost = t.cost + excluded.cost
+                RETURNING t.sessions)
+            SELECT count(*) FILTER (WHERE sessions = 0) INTO emptied FROM written;"""
+
+
+def _totals_delta(side: str, sign: str, rows: str) -> str:
+    return _TOTALS_DELTA.replace("{side}", side).replace("{sign}", sign).replace("{rows}", rows)
+
+
+_TOTALS_TRACK = (
+    """CREATE FUNCTION {s}.totals_track() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            emptied bigint;
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+            """
+    + _TOTALS_UPSERT.replace("@DELTAS@", _totals_delta("", "", "new_rows"))
+    + """
+            ELSIF TG_OP = 'DELETE' THEN
+            """
+    + _TOTALS_UPSERT.replace("@DELTAS@", _totals_delta("", "-", "old_rows"))
+    + """
+            ELSE
+            """
+    + _TOTALS_UPSERT.replace(
+        "@DELTAS@",
+        f"{_totals_delta('n.', '', _TOTALS_MOVED)} UNION ALL "
+        f"{_totals_delta('o.', '-', _TOTALS_MOVED)}",
+    )
+    + """
+            END IF;
+            IF emptied > 0 AND TG_OP <> 'INSERT' THEN
+                DELETE FROM {s}.totals t WHERE t.sessions = 0
+                    AND (t.tenant, t.owner_key, t.status, t.shard) IN (SELECT tenant,
+                    coalesce(owner, ''), status, pk % 8 FROM old_rows);
+            END IF;
+            RETURN NULL;
+        END
+        $$"""
+)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE {s}.sessions (
@@ -217,6 +287,39 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX guards_by_expiry ON {s}.guards (expires_at) WHERE expires_at IS NOT NULL",
     ),
+    # Stats without reading every session: per (tenant, owner, status) totals, kept by
+    # statement triggers (so every write path keeps them, repair and load included) and
+    # read with a correction for the expired sessions purge has not removed yet. '' is the
+    # key of no owner (rules.check_id refuses an empty id). Each key is spread over
+    # _TOTALS_SHARDS rows by the session's pk, so concurrent appends of one owner's
+    # sessions seldom wait for one row lock; a trigger writes one row per key and shard
+    # of its whole statement, in key order, so two statements never lock in opposite
+    # orders. A shard whose last session leaves is deleted.
+    5: (
+        """CREATE TABLE {s}.totals (
+            tenant text COLLATE "C" NOT NULL,
+            owner_key text COLLATE "C" NOT NULL,
+            status text COLLATE "C" NOT NULL,
+            shard smallint NOT NULL,
+            sessions bigint NOT NULL,
+            messages bigint NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            cost double precision NOT NULL,
+            PRIMARY KEY (tenant, owner_key, status, shard)
+        )""",
+        "INSERT INTO {s}.totals SELECT tenant, coalesce(owner, ''), status, pk % 8, count(*), "
+        "sum(message_count), sum(input_tokens), sum(output_tokens), sum(cost) "
+        "FROM {s}.sessions GROUP BY 1, 2, 3, 4",
+        _TOTALS_TRACK,
+        "CREATE TRIGGER totals_insert AFTER INSERT ON {s}.sessions "
+        "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.totals_track()",
+        "CREATE TRIGGER totals_update AFTER UPDATE ON {s}.sessions "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION {s}.totals_track()",
+        "CREATE TRIGGER totals_delete AFTER DELETE ON {s}.sessions "
+        "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.totals_track()",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -227,6 +330,8 @@ def _index_names(pattern: str) -> list[str]:
     return [found[1] for statement in statements if (found := re.match(pattern, statement))]
 
 
+# The triggers on sessions that keep the totals stats read, which doctor looks for.
+_TOTALS_TRIGGERS = ("totals_insert", "totals_update", "totals_delete")
 _DROPPED_INDEXES = set(_index_names(r"DROP INDEX \{s\}\.(\w+)"))
 EXPECTED_INDEXES = tuple(
     name for name in _index_names(r"CREATE (?:UNIQUE )?INDEX (\w+)") if name not in _DROPPED_INDEXES
@@ -237,6 +342,18 @@ _TALLY = (
     "coalesce(sum(cost), 0.0), coalesce(min(seq), 0), coalesce(max(seq), 0)"
 )
 
+# What the sessions add up to, per totals key: check compares it with the totals (summed
+# over shards), and repair writes it back, by shard.
+_TOTALS_OF_SESSIONS = (
+    "SELECT tenant, coalesce(owner, ''), status, count(*), sum(message_count)::bigint, "
+    "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(cost) "
+    "FROM {s}.sessions{where} GROUP BY 1, 2, 3"
+)
+_TOTALS_REBUILD = (
+    "SELECT tenant, coalesce(owner, ''), status, pk % 8, count(*), sum(message_count), "
+    "sum(input_tokens), sum(output_tokens), sum(cost) FROM {s}.sessions WHERE tenant = $1 "
+    "GROUP BY 1, 2, 3, 4"
+)
 _LIVE = "(s.expires_at IS NULL OR s.expires_at > {now})"
 # rules.renewed_expiry in SQL. LEAST and GREATEST skip NULLs, so a NULL deadline or
 # expires_at drops out exactly as the rule skips None; callers apply it only where
@@ -427,19 +544,37 @@ _STATEMENTS: dict[str, str] = {
         f"FROM {{s}}.messages WHERE session_pk = $1) RETURNING {_MESSAGE}"
     ),
     "clear": "DELETE FROM {s}.messages WHERE session_pk = $1",
+    # The tenant's totals (summed over shards), less the expired sessions purge has not
+    # removed yet (a range of sessions_by_tenant_expiry); the recently updated from a range
+    # of activity_by_updated. One statement, so every figure comes from one snapshot.
     "stats": (
-        "WITH live AS (SELECT s.owner, s.status, s.updated_at, s.message_count, "
-        "s.input_tokens, s.output_tokens, s.cost FROM {s}.sessions s "
-        f"WHERE s.tenant = $1 AND {_LIVE.format(now='$2')}), "
-        "owners AS (SELECT owner, count(*) AS n FROM live GROUP BY owner "
-        "ORDER BY n DESC, coalesce(owner, '') LIMIT $4) "
-        "SELECT count(*), count(*) FILTER (WHERE status = 'active'), "
-        "count(*) FILTER (WHERE status = 'completed'), "
-        "count(*) FILTER (WHERE status = 'archived'), count(*) FILTER (WHERE updated_at >= $3), "
-        "coalesce(sum(message_count), 0)::bigint, coalesce(sum(input_tokens), 0)::bigint, "
-        "coalesce(sum(output_tokens), 0)::bigint, coalesce(sum(cost), 0)::float8, "
-        "(SELECT array_agg(owner ORDER BY n DESC, coalesce(owner, '')) FROM owners), "
-        "(SELECT array_agg(n ORDER BY n DESC, coalesce(owner, '')) FROM owners) FROM live"
+        "WITH t AS MATERIALIZED (SELECT owner_key, status, sessions, messages, input_tokens, "
+        "output_tokens, cost FROM {s}.totals WHERE tenant = $1 UNION ALL "
+        "SELECT coalesce(owner, ''), status, -1, -message_count, -input_tokens, "
+        "-output_tokens, -cost FROM {s}.sessions WHERE tenant = $1 AND expires_at <= $2), "
+        "st AS (SELECT status, sum(sessions) AS n, sum(messages) AS m, sum(input_tokens) AS i, "
+        "sum(output_tokens) AS o, sum(cost) AS c FROM t GROUP BY status), "
+        # An owner none of whose sessions is live has no rank.
+        "own AS MATERIALIZED (SELECT owner_key, sum(sessions) AS n, sum(cost) AS c FROM t "
+        "GROUP BY owner_key HAVING sum(sessions) > 0), "
+        "top_n AS (SELECT owner_key, n FROM own ORDER BY n DESC, owner_key LIMIT $4), "
+        "top_c AS (SELECT owner_key, c FROM own ORDER BY c DESC, owner_key LIMIT $4) "
+        "SELECT coalesce((SELECT sum(n) FROM st), 0)::bigint, "
+        "coalesce((SELECT n FROM st WHERE status = 'active'), 0)::bigint, "
+        "coalesce((SELECT n FROM st WHERE status = 'completed'), 0)::bigint, "
+        "coalesce((SELECT n FROM st WHERE status = 'archived'), 0)::bigint, "
+        # LIMIT 1: one lookup by pk per recent session, never a scan of sessions to join.
+        "(SELECT count(*) FROM {s}.activity a CROSS JOIN LATERAL (SELECT 1 FROM {s}.sessions s "
+        f"WHERE s.pk = a.session_pk AND {_LIVE.format(now='$2')} LIMIT 1) s "
+        "WHERE a.tenant = $1 AND a.updated_at >= $3), "
+        "coalesce((SELECT sum(m) FROM st), 0)::bigint, "
+        "coalesce((SELECT sum(i) FROM st), 0)::bigint, "
+        "coalesce((SELECT sum(o) FROM st), 0)::bigint, "
+        "coalesce((SELECT sum(c) FROM st), 0)::float8, "
+        "(SELECT array_agg(nullif(owner_key, '') ORDER BY n DESC, owner_key) FROM top_n), "
+        "(SELECT array_agg(n::bigint ORDER BY n DESC, owner_key) FROM top_n), "
+        "(SELECT array_agg(nullif(owner_key, '') ORDER BY c DESC, owner_key) FROM top_c), "
+        "(SELECT array_agg(c::float8 ORDER BY c DESC, owner_key) FROM top_c)"
     ),
     "insert_folder": "INSERT INTO {s}.folders VALUES ($1, $2, $3, $4, $5)",
     "get_folder": f"{_FOLDER} WHERE f.tenant = $2 AND f.id = $3",
@@ -554,6 +689,12 @@ _STATEMENTS: dict[str, str] = {
         "LIMIT $2 FOR UPDATE SKIP LOCKED"
     ),
 }
+
+
+def stats_sql(schema: str) -> str:
+    """The statement stats run ($1 tenant, $2 now, $3 since, $4 top); public so tests can
+    check its plan."""
+    return _STATEMENTS["stats"].replace("{s}", _quote(schema))
 
 
 class _Taken(Exception):
@@ -1443,6 +1584,7 @@ class PostgresEngine(Engine):
         [row] = await self._fetch(self._sql["stats"], tenant, now, since, top)
         total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost = row[:9]
         owners, counts = row[9] or [], row[10] or []
+        costly, costs = row[11] or [], row[12] or []
         return Stats(
             total=total,
             active=active,
@@ -1456,6 +1598,9 @@ class PostgresEngine(Engine):
             cost=cost,
             top_owners=[
                 OwnerCount(owner=o, sessions=n) for o, n in zip(owners, counts, strict=True)
+            ],
+            top_owners_by_cost=[
+                OwnerCost(owner=o, cost=c) for o, c in zip(costly, costs, strict=True)
             ],
         )
 
@@ -1652,6 +1797,7 @@ class PostgresEngine(Engine):
                     fixed = repair and await self._fix_folder(row[0])
                     report.found("missing_folder", subject, fixed)
         await self._check_activity(tenant, repair, report)
+        await self._check_totals(tenant, repair, report)
         if tenant is None:  # messages of no session have no tenant either
             after = 0
             orphans_sql = (
@@ -1689,6 +1835,43 @@ class PostgresEngine(Engine):
                 if repair:
                     await self._fetch(drop, session_pk)
                 report.found("dangling_index", f"{name}/{session_id}", repair)
+
+    async def _check_totals(self, tenant: str | None, repair: bool, report: CheckReport) -> None:
+        """Totals (which stats read) that disagree with the sessions; repair rebuilds the
+        totals of each tenant concerned."""
+        s = _quote(self.schema)
+        where, args = ("", ()) if tenant is None else (" WHERE tenant = $1", (tenant,))
+        stored_sql = (
+            "SELECT tenant, owner_key, status, sum(sessions)::bigint, sum(messages)::bigint, "
+            "sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(cost) "
+            f"FROM {s}.totals{where} GROUP BY 1, 2, 3"
+        )
+        actual_sql = _TOTALS_OF_SESSIONS.replace("{s}", s).replace("{where}", where)
+
+        async def read(conn: Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+            # One snapshot for both (the triggers keep them equal in every snapshot).
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await conn.fetch(stored_sql, *args), await conn.fetch(actual_sql, *args)
+
+        stored, actual = await self._run(read)
+        differing = totals_differing(
+            {(r[0], r[1], r[2]): (r[3], r[4], r[5], r[6], r[7]) for r in stored},
+            {(r[0], r[1], r[2]): (r[3], r[4], r[5], r[6], r[7]) for r in actual},
+        )
+        rebuilt: set[str] = set()
+        for name, owner_key, status in differing:
+            if repair and name not in rebuilt:
+                rebuilt.add(name)
+                await self._transact(functools.partial(self._rebuild_totals, name))
+            report.found("totals", f"{name}/{owner_key or '(no owner)'}/{status}", repair)
+
+    async def _rebuild_totals(self, tenant: str, conn: Connection) -> None:
+        """Recompute a tenant's totals from its sessions. Writes to sessions wait meanwhile
+        (their triggers would move the totals between the two statements)."""
+        s = _quote(self.schema)
+        await conn.execute(f"LOCK TABLE {s}.sessions IN SHARE MODE")
+        await conn.execute(f"DELETE FROM {s}.totals WHERE tenant = $1", tenant)
+        await conn.execute(f"INSERT INTO {s}.totals {_TOTALS_REBUILD.replace('{s}', s)}", tenant)
 
     async def _fix_aggregates(self, pk: int, conn: Connection) -> bool:
         """Recompute a session's aggregates from its messages, with its row locked (as
@@ -1745,7 +1928,16 @@ class PostgresEngine(Engine):
         s = _quote(self.schema)
         tables = ("sessions", "states", "messages", "folders", "activity", "guards")
 
-        async def run(conn: Connection) -> DoctorReport:
+        async def run(conn: Connection) -> tuple[DoctorReport, bool, set[str]]:
+            has_totals = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{s}.totals")
+            enabled = {
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT tgname FROM pg_trigger WHERE tgrelid = $1::regclass "
+                    "AND NOT tgisinternal AND tgenabled <> 'D'",
+                    f"{s}.sessions",
+                )
+            }
             version = await conn.fetchval("SHOW server_version")
             names = ("synchronous_commit", "fsync", "full_page_writes")
             settings = {name: str(await conn.fetchval(f"SHOW {name}")) for name in names}
@@ -1772,9 +1964,10 @@ class PostgresEngine(Engine):
                 },
                 missing_indexes=[name for name in EXPECTED_INDEXES if name not in present],
             )
-            return report
+            return report, has_totals, enabled
 
-        report = await self._run(run)
+        report, has_totals, enabled = await self._run(run)
+        missing_triggers = [name for name in _TOTALS_TRIGGERS if name not in enabled]
         if report.settings["fsync"] == "off":
             report.warnings.append(
                 "fsync is off: a crash of the server's machine can lose committed writes and "
@@ -1790,6 +1983,19 @@ class PostgresEngine(Engine):
                 f"index {name} is missing: the queries it serves scan the table; recreate "
                 "it (CREATE INDEX as in sessionkeeper's schema)"
             )
+        if report.schema_version is not None and report.schema_version >= 5:
+            if not has_totals:
+                report.warnings.append(
+                    "table totals is missing: stats fail; restore from a backup (the table "
+                    "and its triggers come from schema version 5)"
+                )
+            elif missing_triggers:
+                report.warnings.append(
+                    f"trigger(s) {', '.join(missing_triggers)} on sessions are missing or "
+                    "disabled: stats drift from the sessions with every write; recreate or "
+                    "enable them (as in sessionkeeper's schema), then run check --repair to "
+                    "rebuild the totals"
+                )
         if report.schema_version != SCHEMA_VERSION:
             report.warnings.append(
                 f"schema version {report.schema_version}, this sessionkeeper expects "

@@ -40,15 +40,25 @@ from ..models import (
     GuardUpdate,
     MessageDraft,
     MessageRecord,
+    OwnerCost,
     OwnerCount,
     SessionQuery,
     SessionRecord,
     Stats,
 )
 from ..settings import Settings
-from .base import Engine, T, Tally, has_gap, tally_differs
+from .base import (
+    Engine,
+    T,
+    Tally,
+    Totals,
+    TotalsKey,
+    has_gap,
+    tally_differs,
+    totals_differing,
+)
 
-__all__ = ["SCHEMA_VERSION", "SQLiteEngine", "list_sql"]
+__all__ = ["SCHEMA_VERSION", "STATS_SQL", "SQLiteEngine", "list_sql"]
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -116,6 +126,80 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX guards_by_expiry ON guards (expires_at) WHERE expires_at IS NOT NULL",
     ),
+    # Stats without reading every session: per (tenant, owner, status) totals, kept by
+    # triggers (so every write path keeps them, repair and load included) and read with a
+    # correction for the expired sessions that purge has not removed yet. An owner id is
+    # never empty (rules.check_id), so '' stands for none in the key.
+    3: (
+        """CREATE TABLE totals (
+            tenant TEXT NOT NULL,
+            owner_key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            sessions INTEGER NOT NULL,
+            messages INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            PRIMARY KEY (tenant, owner_key, status)
+        ) WITHOUT ROWID""",
+        "INSERT INTO totals SELECT tenant, ifnull(owner, ''), status, count(*), "
+        "sum(message_count), sum(input_tokens), sum(output_tokens), total(cost) "
+        "FROM sessions GROUP BY 1, 2, 3",
+        "CREATE INDEX sessions_by_tenant_expiry ON sessions (tenant, expires_at) "
+        "WHERE expires_at IS NOT NULL",
+        """CREATE TRIGGER totals_insert AFTER INSERT ON sessions BEGIN
+            INSERT INTO totals VALUES (NEW.tenant, ifnull(NEW.owner, ''), NEW.status, 1,
+                NEW.message_count, NEW.input_tokens, NEW.output_tokens, NEW.cost)
+            ON CONFLICT (tenant, owner_key, status) DO UPDATE SET sessions = sessions + 1,
+                messages = messages + excluded.messages,
+                input_tokens = input_tokens + excluded.input_tokens,
+                output_tokens = output_tokens + excluded.output_tokens,
+                cost = cost + excluded.cost;
+        END""",
+        # A key whose last session goes, goes with it (which also drops its rounding).
+        """CREATE TRIGGER totals_delete AFTER DELETE ON sessions BEGIN
+            UPDATE totals SET sessions = sessions - 1, messages = messages - OLD.message_count,
+                input_tokens = input_tokens - OLD.input_tokens,
+                output_tokens = output_tokens - OLD.output_tokens, cost = cost - OLD.cost
+            WHERE tenant = OLD.tenant AND owner_key = ifnull(OLD.owner, '')
+                AND status = OLD.status;
+            DELETE FROM totals WHERE tenant = OLD.tenant AND owner_key = ifnull(OLD.owner, '')
+                AND status = OLD.status AND sessions = 0;
+        END""",
+        # An append moves the counted columns of one key: one UPDATE of its row. Writes
+        # that move none of them (renewals, folder moves, titles) fire nothing.
+        """CREATE TRIGGER totals_count AFTER UPDATE OF message_count, input_tokens,
+            output_tokens, cost ON sessions
+        WHEN OLD.tenant = NEW.tenant AND OLD.owner IS NEW.owner AND OLD.status = NEW.status
+            AND (OLD.message_count != NEW.message_count OR OLD.input_tokens != NEW.input_tokens
+            OR OLD.output_tokens != NEW.output_tokens OR OLD.cost != NEW.cost)
+        BEGIN
+            UPDATE totals SET messages = messages + (NEW.message_count - OLD.message_count),
+                input_tokens = input_tokens + (NEW.input_tokens - OLD.input_tokens),
+                output_tokens = output_tokens + (NEW.output_tokens - OLD.output_tokens),
+                cost = cost + (NEW.cost - OLD.cost)
+            WHERE tenant = NEW.tenant AND owner_key = ifnull(NEW.owner, '')
+                AND status = NEW.status;
+        END""",
+        """CREATE TRIGGER totals_move AFTER UPDATE OF tenant, owner, status ON sessions
+        WHEN OLD.tenant != NEW.tenant OR OLD.owner IS NOT NEW.owner OR OLD.status != NEW.status
+        BEGIN
+            UPDATE totals SET sessions = sessions - 1, messages = messages - OLD.message_count,
+                input_tokens = input_tokens - OLD.input_tokens,
+                output_tokens = output_tokens - OLD.output_tokens, cost = cost - OLD.cost
+            WHERE tenant = OLD.tenant AND owner_key = ifnull(OLD.owner, '')
+                AND status = OLD.status;
+            DELETE FROM totals WHERE tenant = OLD.tenant AND owner_key = ifnull(OLD.owner, '')
+                AND status = OLD.status AND sessions = 0;
+            INSERT INTO totals VALUES (NEW.tenant, ifnull(NEW.owner, ''), NEW.status, 1,
+                NEW.message_count, NEW.input_tokens, NEW.output_tokens, NEW.cost)
+            ON CONFLICT (tenant, owner_key, status) DO UPDATE SET sessions = sessions + 1,
+                messages = messages + excluded.messages,
+                input_tokens = input_tokens + excluded.input_tokens,
+                output_tokens = output_tokens + excluded.output_tokens,
+                cost = cost + excluded.cost;
+        END""",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 # The indexes the migrations create, which doctor looks for in the catalog.
@@ -124,6 +208,13 @@ EXPECTED_INDEXES = tuple(
     for statements in _MIGRATIONS.values()
     for statement in statements
     if (found := re.match(r"CREATE (?:UNIQUE )?INDEX (\w+)", statement))
+)
+# The totals stats read, and the triggers that keep them, which doctor looks for too.
+EXPECTED_TRIGGERS = tuple(
+    found[1]
+    for statements in _MIGRATIONS.values()
+    for statement in statements
+    if (found := re.match(r"CREATE TRIGGER (\w+)", statement))
 )
 _CHECK_BATCH = 500
 _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
@@ -181,6 +272,34 @@ _READ_LAST = (
     "WHERE s.tenant = ? AND s.id = ? ORDER BY m.seq DESC LIMIT ?"
 )
 _LIVE = "(s.expires_at IS NULL OR s.expires_at > ?)"
+# Stats: the tenant's totals, less the expired sessions purge has not removed yet (a
+# range of sessions_by_tenant_expiry), so no statement reads more than a tenant's owners,
+# its unpurged expired sessions and its recently updated ones. Public for the plan tests.
+_STATS_ROWS = (
+    "WITH t AS (SELECT owner_key, status, sessions, messages, input_tokens, output_tokens, "
+    "cost FROM totals WHERE tenant = :tenant UNION ALL "
+    "SELECT ifnull(owner, ''), status, -1, -message_count, -input_tokens, -output_tokens, "
+    "-cost FROM sessions WHERE tenant = :tenant AND expires_at <= :now) "
+)
+STATS_SQL = {
+    "by_status": (
+        f"{_STATS_ROWS}SELECT status, sum(sessions), sum(messages), sum(input_tokens), "
+        "sum(output_tokens), total(cost) FROM t GROUP BY status"
+    ),
+    "recent": (
+        "SELECT count(*) FROM sessions s WHERE s.tenant = :tenant AND s.updated_at >= :since "
+        "AND (s.expires_at IS NULL OR s.expires_at > :now)"
+    ),
+    # An owner none of whose sessions is live has no rank.
+    "top_by_sessions": (
+        f"{_STATS_ROWS}SELECT nullif(owner_key, ''), sum(sessions) AS n FROM t "
+        "GROUP BY owner_key HAVING n > 0 ORDER BY n DESC, owner_key LIMIT :top"
+    ),
+    "top_by_cost": (
+        f"{_STATS_ROWS}SELECT nullif(owner_key, ''), total(cost) AS c FROM t "
+        "GROUP BY owner_key HAVING sum(sessions) > 0 ORDER BY c DESC, owner_key LIMIT :top"
+    ),
+}
 _FOLDER = (
     "SELECT f.tenant, f.id, f.owner, f.name, f.created_at, "
     f"(SELECT count(*) FROM sessions s WHERE s.tenant = f.tenant AND s.folder = f.id AND {_LIVE}) "
@@ -793,6 +912,7 @@ class SQLiteEngine(Engine):
                 if folder_lost:
                     fixed = repair and await self._write(partial(_w_fix_folder, pk))
                     report.found("missing_folder", subject, fixed)
+        await self._check_totals(tenant, repair, report)
         if tenant is None:  # messages of no session have no tenant either
             after = 0
             while orphans := await self._read(partial(_r_orphans, after)):
@@ -801,6 +921,19 @@ class SQLiteEngine(Engine):
                     fixed = repair and await self._write(partial(_w_drop_orphans, session_pk))
                     report.found("orphan_messages", f"session pk {session_pk}", fixed, count)
         return report
+
+    async def _check_totals(self, tenant: str | None, repair: bool, report: CheckReport) -> None:
+        """Totals (which stats read) that disagree with the sessions; repair rebuilds the
+        totals of each tenant concerned."""
+        stored, actual = await self._read(partial(_r_totals, tenant))
+        differing = totals_differing(stored, actual)
+        rebuilt: set[str] = set()
+        for key in differing:
+            name, owner_key, status = key
+            if repair and name not in rebuilt:
+                rebuilt.add(name)
+                await self._write(partial(_w_rebuild_totals, name))
+            report.found("totals", f"{name}/{owner_key or '(no owner)'}/{status}", repair)
 
     async def doctor(self, now: float) -> DoctorReport:
         report: DoctorReport = await self._read(_r_doctor)
@@ -1022,35 +1155,33 @@ def _r_messages(
 
 
 def _r_stats(tenant: str, now: float, since: float, top: int, conn: sqlite3.Connection) -> Stats:
-    live = f"s.tenant = ? AND {_LIVE}"
-    conn.execute("BEGIN")  # both statements see one snapshot
-    (total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost) = (
-        conn.execute(
-            "SELECT count(*), total(s.status = 'active'), total(s.status = 'completed'), "
-            "total(s.status = 'archived'), total(s.updated_at >= ?), total(s.message_count), "
-            "total(s.input_tokens), total(s.output_tokens), total(s.cost) "
-            f"FROM sessions s WHERE {live}",
-            (since, tenant, now),
-        ).fetchone()
-    )
-    owners = conn.execute(
-        f"SELECT s.owner, count(*) AS n FROM sessions s WHERE {live} "
-        "GROUP BY s.owner ORDER BY n DESC, ifnull(s.owner, '') LIMIT ?",
-        (tenant, now, top),
-    ).fetchall()
-    conn.execute("COMMIT")
+    params = {"tenant": tenant, "now": now, "since": since, "top": top}
+    conn.execute("BEGIN")  # every statement sees one snapshot
+    try:
+        by_status = {
+            row[0]: row[1:] for row in conn.execute(STATS_SQL["by_status"], params).fetchall()
+        }
+        (recent,) = conn.execute(STATS_SQL["recent"], params).fetchone()
+        owners = conn.execute(STATS_SQL["top_by_sessions"], params).fetchall()
+        costs = conn.execute(STATS_SQL["top_by_cost"], params).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    sums = [sum(figures[i] for figures in by_status.values()) for i in range(5)]
+    total, messages, tokens_in, tokens_out, cost = sums
+    completed = by_status.get("completed", (0,))[0]
     return Stats(
         total=total,
-        active=int(active),
-        completed=int(completed),
-        archived=int(archived),
-        active_last_24h=int(recent),
+        active=by_status.get("active", (0,))[0],
+        completed=completed,
+        archived=by_status.get("archived", (0,))[0],
+        active_last_24h=recent,
         completion_rate=completed / total if total else 0.0,
-        messages=int(messages),
-        input_tokens=int(tokens_in),
-        output_tokens=int(tokens_out),
-        cost=cost,
+        messages=messages,
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost=float(cost),
         top_owners=[OwnerCount(owner=owner, sessions=n) for owner, n in owners],
+        top_owners_by_cost=[OwnerCost(owner=owner, cost=c) for owner, c in costs],
     )
 
 
@@ -1284,6 +1415,43 @@ def _w_fix_folder(pk: int, conn: sqlite3.Connection) -> bool:
     )
 
 
+_TOTALS_OF_SESSIONS = (
+    "SELECT tenant, ifnull(owner, ''), status, count(*), sum(message_count), "
+    "sum(input_tokens), sum(output_tokens), total(cost) FROM sessions{where} GROUP BY 1, 2, 3"
+)
+
+
+def _r_totals(
+    tenant: str | None, conn: sqlite3.Connection
+) -> tuple[dict[TotalsKey, Totals], dict[TotalsKey, Totals]]:
+    """The stored totals and what the sessions add up to, from one snapshot."""
+    where, args = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
+    conn.execute("BEGIN")
+    try:
+        stored = conn.execute(
+            "SELECT tenant, owner_key, status, sessions, messages, input_tokens, "
+            f"output_tokens, cost FROM totals{where}",
+            args,
+        ).fetchall()
+        actual = conn.execute(_TOTALS_OF_SESSIONS.format(where=where), args).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return (
+        {tuple(row[:3]): tuple(row[3:]) for row in stored},
+        {tuple(row[:3]): tuple(row[3:]) for row in actual},
+    )
+
+
+def _w_rebuild_totals(tenant: str, conn: sqlite3.Connection) -> bool:
+    """Recompute a tenant's totals from its sessions (in the writer's transaction, so no
+    write comes between)."""
+    conn.execute("DELETE FROM totals WHERE tenant = ?", (tenant,))
+    conn.execute(
+        f"INSERT INTO totals {_TOTALS_OF_SESSIONS.format(where=' WHERE tenant = ?')}", (tenant,)
+    )
+    return True
+
+
 def _r_orphans(after: int, conn: sqlite3.Connection) -> list[tuple[int, int]]:
     return conn.execute(
         "SELECT session_pk, count(*) FROM messages WHERE session_pk > ? "
@@ -1310,9 +1478,10 @@ def _w_drop_orphans(session_pk: int, conn: sqlite3.Connection) -> bool:
 def _r_doctor(conn: sqlite3.Connection) -> DoctorReport:
     journal = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
     synchronous = _SYNCHRONOUS.get(conn.execute("PRAGMA synchronous").fetchone()[0], "?")
-    present = {
-        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
-    }
+    catalog = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+    present = {name for kind, name in catalog if kind == "index"}
+    triggers = {name for kind, name in catalog if kind == "trigger"}
+    has_totals = ("table", "totals") in catalog
     report = DoctorReport(
         engine="sqlite",
         server_version=f"SQLite {sqlite3.sqlite_version}",
@@ -1339,6 +1508,19 @@ def _r_doctor(conn: sqlite3.Connection) -> DoctorReport:
             f"index {name} is missing: the queries it serves scan the table; recreate it "
             "(CREATE INDEX as in sessionkeeper's schema) or restore from a backup"
         )
+    if report.schema_version is not None and report.schema_version >= 3:
+        missing = [name for name in EXPECTED_TRIGGERS if name not in triggers]
+        if not has_totals:
+            report.warnings.append(
+                "table totals is missing: stats fail; restore from a backup (the table and "
+                "its triggers come from schema version 3)"
+            )
+        elif missing:
+            report.warnings.append(
+                f"trigger(s) {', '.join(missing)} of the totals table are missing: stats "
+                "drift from the sessions with every write; recreate them (CREATE TRIGGER as "
+                "in sessionkeeper's schema), then run check --repair to rebuild the totals"
+            )
     if report.schema_version != SCHEMA_VERSION:
         report.warnings.append(
             f"schema version {report.schema_version}, this sessionkeeper expects "
