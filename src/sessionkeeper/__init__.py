@@ -1,5 +1,6 @@
 """sessionkeeper: durable, concurrent session storage for chat apps and AI agents."""
 
+from .analytics import Analytics, OwnerPeriod, SeriesPoint
 from .clock import Clock, FrozenClock, SystemClock
 from .errors import (
     AlreadyExists,
@@ -36,6 +37,7 @@ from .sync import SyncSessionStore, open_store_sync
 __all__ = [
     "UNSET",
     "AlreadyExists",
+    "Analytics",
     "BackendUnavailable",
     "BudgetExceeded",
     "BudgetUsage",
@@ -53,9 +55,11 @@ __all__ = [
     "NotFound",
     "OwnerCost",
     "OwnerCount",
+    "OwnerPeriod",
     "Page",
     "RateLimitResult",
     "RateLimited",
+    "SeriesPoint",
     "Session",
     "SessionEvent",
     "SessionKeeperError",

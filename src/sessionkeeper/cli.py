@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar, cast
 
@@ -46,6 +46,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import checks, keys, legacy, maintenance, transfer
+from .analytics import Analytics, Grouping
 from .errors import InvalidInput, SessionKeeperError
 from .models import (
     UNSET,
@@ -57,6 +58,7 @@ from .models import (
     SessionSummary,
     Stats,
     Status,
+    Unset,
 )
 from .settings import DEFAULT_URL, Settings
 from .store import OrderBy, open_store
@@ -425,6 +427,73 @@ def stats(
     with _store(ctx) as store:
         figures = store.stats(top=top)
     _emit(figures, as_json, _stats_panel)
+
+
+def _analytics_view(found: Analytics) -> RenderableType:
+    series = _table("=from", "=to", "created", "completed", "messages", "tokens", "cost", "turns")
+    for p in [*found.series, found.totals]:
+        series.add_row(
+            "total" if p is found.totals else p.start.isoformat(),
+            "" if p is found.totals else p.end.isoformat(),
+            str(p.created),
+            str(p.completed),
+            str(p.messages),
+            f"{p.input_tokens} in, {p.output_tokens} out",
+            f"{p.cost:g}",
+            f"{p.avg_turns_per_session:.1f}",
+        )
+    owners = _table("=period", "owner", "created", "messages", "tokens", "cost")
+    for o in found.owners:
+        owners.add_row(
+            o.start.isoformat(),
+            _text(o.owner),
+            str(o.created),
+            str(o.messages),
+            str(o.tokens),
+            f"{o.cost:g}",
+        )
+    title = f"{found.start} to {found.end}, by {found.group_by}"
+    if found.owner is not None:
+        title += f", owner {found.owner}"
+    parts: list[RenderableType] = [Text(title, style="bold"), series]
+    if found.owners:
+        parts += [Text("owners by cost", style="bold"), owners]
+    return Group(*parts)
+
+
+@_command()
+def analytics(
+    ctx: typer.Context,
+    days: Annotated[int, typer.Option(metavar="N", help="How many UTC days, up to --until")] = 30,
+    until: Annotated[
+        str | None, typer.Option(metavar="YYYY-MM-DD", show_default="today", help="Last day")
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option("--group-by", metavar="day|week|month", help="Period of each row")
+    ] = "day",
+    owner: Annotated[str | None, typer.Option(help="Only this owner's figures")] = None,
+    no_owner: Annotated[
+        bool, typer.Option("--no-owner", help="Only the figures of sessions without an owner")
+    ] = False,
+    top: Annotated[int, typer.Option(metavar="N", help="Owners by cost per period")] = 10,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print sessions created and completed, messages, tokens and cost per period, and the
+    owners that cost most in each (history: deleted sessions still count)."""
+    if owner is not None and no_owner:
+        raise InvalidInput("--no-owner", "give either --owner or --no-owner, not both")
+    last: date | None = None
+    if until is not None:
+        try:
+            last = date.fromisoformat(until)
+        except ValueError:
+            raise InvalidInput("--until", f"must be a date as YYYY-MM-DD, not {until!r}") from None
+    who: str | Unset | None = None if no_owner else UNSET if owner is None else owner
+    with _store(ctx) as store:
+        found = store.analytics(
+            days=days, until=last, group_by=cast("Grouping", group_by), owner=who, top=top
+        )
+    _emit(found, as_json, _analytics_view)
 
 
 # --- guards: failed logins and budgets ---------------------------------------------------

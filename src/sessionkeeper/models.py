@@ -16,12 +16,14 @@ from typing import Any, Final, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "DAILY_COUNTERS",
     "PERIODS",
     "STATUSES",
     "UNSET",
     "BudgetUsage",
     "Change",
     "ChangeResult",
+    "DailyRecord",
     "Folder",
     "FolderRecord",
     "GuardRecord",
@@ -383,6 +385,34 @@ class GuardRecord:
     key: str
     value: str
     expires_at: float | None
+
+
+@dataclass(slots=True)
+class DailyRecord:
+    """A tenant's activity counters of one UTC day (days since 1970-01-01) and one owner
+    (None: sessions without one), as ``analytics`` keeps them."""
+
+    day: int
+    owner: str | None
+    created: int = 0
+    completed: int = 0
+    completed_messages: int = 0  # messages the sessions completed that day held then
+    messages: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+
+#: The counters of a DailyRecord, in the order engines store them.
+DAILY_COUNTERS = (
+    "created",
+    "completed",
+    "completed_messages",
+    "messages",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+)
 
 
 #: The pure function an engine runs atomically on a guard: it gets the stored value (None

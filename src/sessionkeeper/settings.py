@@ -73,6 +73,21 @@ class Settings(BaseSettings):
         "archive (status archived, kept) or purge (deleted, firing the expired hook)",
     )
 
+    # --- analytics: daily figures ---
+
+    analytics: bool = Field(
+        True,
+        description="Count sessions created and completed, messages, tokens and cost per "
+        "day and owner as the store writes (store.analytics reads them)",
+    )
+    analytics_flush_interval: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds a store keeps its counted figures in memory before adding "
+        "them to the engine (also at close and before reading figures); 0: at close and "
+        "before reading only",
+    )
+
     sqlite_busy_timeout: float = Field(
         30.0, gt=0, description="Seconds a SQLite writer waits for another process's lock"
     )

@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -21,6 +21,7 @@ from typing import Any, Literal, Self
 from pydantic import ValidationError
 
 from . import guards, rules
+from .analytics import GROUPINGS, Analytics, Grouping, Ledger, day_of, summarize
 from .clock import Clock, SystemClock
 from .engines.base import Engine
 from .engines.urls import engine_from_url
@@ -83,6 +84,8 @@ HOOK_EVENTS: tuple[HookEvent, ...] = ("created", "completed", "expired", "delete
 _DAY = 86_400.0
 _MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
 _MAX_NAME = 256
+_MAX_ANALYTICS_DAYS = 3_660  # ten years of days in one read
+_EPOCH = date(1970, 1, 1)
 # The guard where creates of one owner reserve a place while max_sessions_per_owner is
 # checked, and how long a reservation of a process that died on the way is honoured.
 _OWNER_SLOTS = "slots:"
@@ -366,6 +369,7 @@ class SessionStore:
         "_engine",
         "_guarded",
         "_hooks",
+        "_ledger",
         "_open",
         "_owns_engine",
         "settings",
@@ -393,6 +397,12 @@ class SessionStore:
         self._open = [False]  # shared with tenant views, so closing one closes them all
         # change hooks by event, shared with tenant views too
         self._hooks: dict[str, list[Hook]] = {event: [] for event in HOOK_EVENTS}
+        # figures counted and not yet written (analytics.py), shared with tenant views too
+        self._ledger = (
+            Ledger(engine, self._clock, self.settings.analytics_flush_interval)
+            if self.settings.analytics
+            else None
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -411,6 +421,11 @@ class SessionStore:
 
     async def close(self) -> None:
         if self._open[0]:
+            if self._ledger is not None:
+                try:
+                    await self._ledger.close()
+                except Exception:  # the engine is down: close anyway
+                    _log.warning("analytics figures not written at close", exc_info=True)
             self._open[0] = False
             if self._owns_engine:
                 await self._engine.close()
@@ -431,6 +446,7 @@ class SessionStore:
         view = SessionStore(self._engine, tenant=tenant, settings=self.settings, clock=self._clock)
         view._open = self._open
         view._hooks = self._hooks
+        view._ledger = self._ledger
         return view
 
     @property
@@ -652,6 +668,8 @@ class SessionStore:
             await self._insert_within_limit(record, limit, now)
         else:
             await self.engine.insert_session(record, now)
+        if self._ledger is not None:
+            self._ledger.created(self.tenant, record.owner)
         session = _session(record)
         if self._hooks["created"]:
             await self._fire("created", record.id, session)
@@ -767,7 +785,10 @@ class SessionStore:
             )
         change.messages = self._drafts(messages, "messages") if messages else []
         # who completes a session is known only from the version the change was made at
-        completing = fields.get("status") == "completed" and bool(self._hooks["completed"])
+        ledger = self._ledger
+        completing = fields.get("status") == "completed" and (
+            bool(self._hooks["completed"]) or ledger is not None
+        )
         now = self._now()
         completed = False
         if self._guarded and change.messages:
@@ -789,6 +810,11 @@ class SessionStore:
         result = ChangeResult.model_construct(
             session=_session(record), messages=[_message(m) for m in appended]
         )
+        if ledger is not None:
+            if change.messages:
+                ledger.appended(self.tenant, sid, change.messages)
+            if completed:
+                ledger.completed(self.tenant, record.owner, record.message_count)
         if completed:
             await self._fire("completed", sid, result.session)
         return result
@@ -904,17 +930,21 @@ class SessionStore:
     ) -> list[MessageRecord]:
         now = self._now()
         if not self._guarded:
-            return await self.engine.append_messages(
+            appended = await self.engine.append_messages(
                 self.tenant, sid, drafts, now, expected_version
             )
-        taken = await self._pass_guards(sid, drafts, now)
-        try:
-            return await self.engine.append_messages(
-                self.tenant, sid, drafts, now, expected_version
-            )
-        except BaseException:
-            await guards.refund(self.engine, self.tenant, self.settings, taken, now)
-            raise
+        else:
+            taken = await self._pass_guards(sid, drafts, now)
+            try:
+                appended = await self.engine.append_messages(
+                    self.tenant, sid, drafts, now, expected_version
+                )
+            except BaseException:
+                await guards.refund(self.engine, self.tenant, self.settings, taken, now)
+                raise
+        if self._ledger is not None:
+            self._ledger.appended(self.tenant, sid, drafts)
+        return appended
 
     async def _pass_guards(
         self, sid: str, drafts: list[MessageDraft], now: float
@@ -1065,6 +1095,46 @@ class SessionStore:
         message, token and cost sums, and the ``top`` owners by session count."""
         now = self._now()
         return await self.engine.stats(self.tenant, now, now - _DAY, _int(top, "top", 0, 100))
+
+    async def analytics(
+        self,
+        *,
+        days: int = 30,
+        until: date | None = None,
+        group_by: Grouping = "day",
+        owner: str | Unset | None = UNSET,
+        top: int = 10,
+    ) -> Analytics:
+        """Sessions created and completed, messages, tokens and cost per day, ISO week or
+        month (``group_by``) over the ``days`` UTC days that end with ``until`` (a date, or
+        an aware datetime; today by default), of one ``owner`` if given (None: sessions
+        without one); with each period's ``top`` owners by cost. Figures are history: a
+        session deleted since still counts where it was counted. Reads one counter row per
+        day and owner, never a session. This store's figures not yet written are written
+        first; other processes' within ``analytics_flush_interval``."""
+        if self._ledger is None:
+            raise InvalidInput("analytics", "is off in the settings, so nothing was counted")
+        span = _int(days, "days", 1, _MAX_ANALYTICS_DAYS)
+        if group_by not in GROUPINGS:
+            raise InvalidInput(
+                "group_by", f"must be one of {', '.join(GROUPINGS)}, not {group_by!r}"
+            )
+        ranked = _int(top, "top", 0, 1_000)
+        if until is None:
+            last = day_of(self._now())
+        elif isinstance(until, datetime):
+            last = day_of(_timestamp(until, "until") or 0.0)
+        elif isinstance(until, date):
+            last = (until - _EPOCH).days
+        else:
+            raise InvalidInput("until", f"must be a date or a datetime, not {type(until).__name__}")
+        who = None if isinstance(owner, Unset) else _optional_text(owner, "owner", _MAX_NAME)
+        first = last - span + 1
+        await self._ledger.flush()
+        rows = await self.engine.read_daily(
+            self.tenant, first, last, who, not isinstance(owner, Unset)
+        )
+        return summarize(rows, first, last, group_by, ranked, who)
 
     # --- folders -----------------------------------------------------------------------
 

@@ -10,11 +10,12 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from .analytics import Analytics, Grouping
 from .clock import Clock
 from .models import (
     UNSET,
@@ -408,6 +409,26 @@ class SyncSessionStore:
         """Totals, status counts, sessions updated in the last 24 hours, completion rate, message,
         token and cost sums, and the ``top`` owners by session count."""
         return self._portal.call(self._store.stats(top=top))
+
+    def analytics(
+        self,
+        *,
+        days: int = 30,
+        until: date | None = None,
+        group_by: Grouping = "day",
+        owner: str | Unset | None = UNSET,
+        top: int = 10,
+    ) -> Analytics:
+        """Sessions created and completed, messages, tokens and cost per day, ISO week or month
+        (``group_by``) over the ``days`` UTC days that end with ``until`` (a date, or an
+        aware datetime; today by default), of one ``owner`` if given (None: sessions
+        without one); with each period's ``top`` owners by cost. Figures are history: a
+        session deleted since still counts where it was counted. Reads one counter row
+        per day and owner, never a session. This store's figures not yet written are
+        written first; other processes' within ``analytics_flush_interval``."""
+        return self._portal.call(
+            self._store.analytics(days=days, until=until, group_by=group_by, owner=owner, top=top)
+        )
 
     def create_folder(self, name: str, *, owner: str | None = None) -> Folder:
         """Create a folder; names are unique per owner. Raises AlreadyExists."""

@@ -229,6 +229,9 @@ async def test_completions_and_creates_from_processes_stay_exact(engine_url: str
         assert 1 <= created <= LIMIT
         assert await store.count_sessions(owner="alice") == created
         assert (await store.get_session("s1")).version == 1 + processes * 4
+        # the processes' figures, added to one counter row each from 4 processes
+        figures = (await store.analytics(days=1)).totals
+        assert (figures.created, figures.completed) == (1 + created, 1)
 
 
 # --- archive and restore -----------------------------------------------------------------

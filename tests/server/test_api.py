@@ -277,6 +277,36 @@ async def test_stats(alpha: httpx.AsyncClient) -> None:
     assert stats["top_owners"] == [{"owner": "alice", "sessions": 2}]
 
 
+async def test_analytics(alpha: httpx.AsyncClient, beta: httpx.AsyncClient) -> None:
+    done = await new_session(alpha, owner="alice")
+    await alpha.post(
+        f"/v1/sessions/{done['id']}/messages",
+        json={"messages": [{"role": "user", "content": "hi", "input_tokens": 4, "cost": 0.5}]},
+    )
+    await alpha.patch(f"/v1/sessions/{done['id']}", json={"status": "completed"})
+    await new_session(alpha)
+    found = (await alpha.get("/v1/analytics", params={"days": 2})).json()
+    assert [p["created"] for p in found["series"]] == [0, 2]
+    totals = found["totals"]
+    assert (totals["completed"], totals["messages"], totals["cost"]) == (1, 1, 0.5)
+    assert [(o["owner"], o["tokens"]) for o in found["owners"]] == [("alice", 4), (None, 0)]
+    alone = (await alpha.get("/v1/analytics", params={"no_owner": "true"})).json()
+    assert (alone["owner"], alone["totals"]["created"]) == (None, 1)
+    months = (await alpha.get("/v1/analytics", params={"group_by": "month", "days": 90})).json()
+    assert sum(p["created"] for p in months["series"]) == 2
+    assert (await beta.get("/v1/analytics")).json()["totals"]["created"] == 0
+    for params, field in [
+        ({"days": 0}, "days"),
+        ({"group_by": "year"}, "group_by"),
+        ({"until": "yesterday"}, "until"),
+        ({"top": -1}, "top"),
+    ]:
+        body = problem(await alpha.get("/v1/analytics", params=params), 422)
+        assert body["field"] == f"query.{field}"
+    both = problem(await alpha.get("/v1/analytics", params={"owner": "a", "no_owner": 1}), 422)
+    assert both["field"] == "no_owner"
+
+
 async def test_guards_of_the_tenant(store: SessionStore, keys: Keys) -> None:
     async with client_of(await app_with(store, budgets=True), keys.alpha) as alpha:
         await _guards_of_the_tenant(alpha)

@@ -529,14 +529,20 @@ def test_httpx_is_in_the_server_extra() -> None:
 # --- two `serve` processes -------------------------------------------------------------
 
 
+SHARED = {
+    "postgresql": "postgresql://127.0.0.1:5432/test?schema=sk_hooks_{ns}",
+    "redis": "redis://127.0.0.1:6379/0?prefix=sk_hooks_{ns}:",
+}
+
+
 @pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)],
+    params=["sqlite", *(pytest.param(name, marks=pytest.mark.server) for name in SHARED)],
 )
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'served.db'}"
         return
-    made = f"postgresql://127.0.0.1:5432/test?schema=sk_hooks_{secrets.token_hex(4)}"
+    made = SHARED[request.param].format(ns=secrets.token_hex(4))
     yield made
     drop_namespace(made)
 

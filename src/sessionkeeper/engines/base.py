@@ -20,6 +20,7 @@ from .. import rules
 from ..models import (
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -364,3 +365,23 @@ class Engine(ABC):
             return orjson.dumps(hits).decode(), ends, (allowed, len(hits), retry_after, ends - now)
 
         return await self.update_guard(tenant, key, update, now)
+
+    # --- analytics: daily counters -----------------------------------------------------
+
+    @abstractmethod
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        """Add each row's counters to the stored counters of its (day, owner), creating
+        them at zero first, atomically: concurrent adds, from any process, all count.
+        ``rows`` come sorted by (day, owner), so writers take row locks in one order."""
+
+    @abstractmethod
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        """The stored counters of days ``first`` to ``last`` (included), of ``owner``
+        only if ``owner_set``, in any order. Costs the rows read, never the sessions."""
+
+    @abstractmethod
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        """The owner of each of these sessions the engine holds (expired ones too), in as
+        few reads as it can; absent sessions are left out. Renews nothing."""

@@ -94,8 +94,10 @@ import orjson
 from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
+    DAILY_COUNTERS,
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -1764,6 +1766,70 @@ class FilesEngine(Engine):
         found = [g for g in (self._read_guard(p, None, now) for p in paths) if g is not None]
         return sorted((g for g in found if g.key.startswith(prefix)), key=lambda g: g.key)
 
+    # --- analytics: one JSON file of daily counters per tenant ---------------------------
+
+    def _daily_path(self, tenant: str, create: bool) -> str | None:
+        tenant_dir = self._tenant_dir(tenant, create)
+        return None if tenant_dir is None else f"{tenant_dir}/daily.json"
+
+    def _daily_lock(self, tenant: str, exclusive: bool) -> FileLock:
+        return FileLock(f"{self.root}/locks/daily-{_check_name(tenant, 'tenant')}.lock", exclusive)
+
+    def _read_daily(self, tenant: str, path: str) -> list[DailyRecord]:
+        """The counters in ``path``; a damaged file is moved to quarantine (under the
+        exclusive lock only) and reads as empty: figures are history, not session data."""
+        try:
+            doc = orjson.loads(_read_file(path))
+            return [
+                DailyRecord(row["day"], row["owner"], *(row[name] for name in DAILY_COUNTERS))
+                for row in doc["rows"]
+            ]
+        except FileNotFoundError:
+            return []
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            folder = f"{self.root}/quarantine/{tenant}/daily"
+            os.makedirs(folder, exist_ok=True)
+            target = f"{folder}/{time.time_ns()}-daily.json"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, target)
+            log.warning("files: moved damaged daily counters to %s (%s)", target, exc)
+            return []
+
+    def _d_add(self, tenant: str, rows: list[DailyRecord]) -> None:
+        path = self._daily_path(tenant, create=True)
+        assert path is not None
+        with self._daily_lock(tenant, True):
+            stored = {(r.day, r.owner): r for r in self._read_daily(tenant, path)}
+            for row in rows:
+                found = stored.setdefault((row.day, row.owner), DailyRecord(row.day, row.owner))
+                for name in DAILY_COUNTERS:
+                    setattr(found, name, getattr(found, name) + getattr(row, name))
+            ordered = sorted(stored.values(), key=lambda r: (r.day, r.owner or ""))
+            doc = {"format": FORMAT, "rows": [dataclasses.asdict(r) for r in ordered]}
+            self._write_atomic(path, orjson.dumps(doc) + b"\n", sync_dir=False)
+
+    def _d_read(self, tenant: str) -> list[DailyRecord]:
+        path = self._daily_path(tenant, create=False)
+        if path is None:
+            return []
+        with self._daily_lock(tenant, True):  # exclusive: a damaged file may be moved
+            return self._read_daily(tenant, path)
+
+    def _s_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        for sid in session_ids:
+            w = self._session(tenant, sid)
+            if w is None:
+                return found
+            with self._locks.hold(w.stripe, False):
+                try:
+                    record = self._scanned(w)
+                except _Damaged:
+                    continue  # check reports it; its figures count as ownerless
+            if record is not None:
+                found[sid] = record.owner
+        return found
+
     def _purge_guards(self, tenant_dir: str, now: float) -> None:
         """Remove the guard files that have expired (they read as absent already)."""
         with os.scandir(f"{tenant_dir}/guards") as entries:
@@ -2218,6 +2284,22 @@ class FilesEngine(Engine):
 
     async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
         return await self._call(self._f_put, record, replace)
+
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        await self._call(self._d_add, tenant, rows)
+
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        found = await self._call(self._d_read, tenant)
+        return [
+            row
+            for row in found
+            if first <= row.day <= last and (not owner_set or row.owner == owner)
+        ]
+
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        return await self._call(self._s_owners, tenant, session_ids)
 
 
 # --- reading lines of a committed log --------------------------------------------------

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from .. import rules
 from ..errors import AlreadyExists, NotFound
 from ..models import (
+    DAILY_COUNTERS,
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -34,6 +36,7 @@ class _Tenant:
     messages: dict[str, list[MessageRecord]] = field(default_factory=dict)
     folders: dict[str, FolderRecord] = field(default_factory=dict)
     guards: dict[str, GuardRecord] = field(default_factory=dict)
+    daily: dict[tuple[int, str | None], DailyRecord] = field(default_factory=dict)
 
 
 def _seq(message: MessageRecord) -> int:
@@ -487,3 +490,30 @@ class MemoryEngine(Engine):
                 if key.startswith(prefix) and (guard := self._guard(space, key, now)) is not None
             ]
         return found
+
+    # --- analytics ---------------------------------------------------------------------
+
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        with self._lock:
+            daily = self._tenant(tenant).daily
+            for row in rows:
+                found = daily.get((row.day, row.owner))
+                if found is None:
+                    found = daily[row.day, row.owner] = DailyRecord(row.day, row.owner)
+                for name in DAILY_COUNTERS:
+                    setattr(found, name, getattr(found, name) + getattr(row, name))
+
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        with self._lock:
+            return [
+                dataclasses.replace(row)
+                for (day, who), row in self._tenant(tenant).daily.items()
+                if first <= day <= last and (not owner_set or who == owner)
+            ]
+
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        with self._lock:
+            sessions = self._tenant(tenant).sessions
+            return {sid: sessions[sid].owner for sid in session_ids if sid in sessions}

@@ -30,8 +30,10 @@ import asyncpg
 from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
+    DAILY_COUNTERS,
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -320,6 +322,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER totals_delete AFTER DELETE ON {s}.sessions "
         "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.totals_track()",
     ),
+    # Analytics: counters per tenant, UTC day and owner ('' for none), added to by
+    # add_daily in key order; a month of figures reads a month of rows.
+    6: (
+        """CREATE TABLE {s}.daily (
+            tenant text COLLATE "C" NOT NULL,
+            day integer NOT NULL,
+            owner_key text COLLATE "C" NOT NULL,
+            created bigint NOT NULL,
+            completed bigint NOT NULL,
+            completed_messages bigint NOT NULL,
+            messages bigint NOT NULL,
+            input_tokens bigint NOT NULL,
+            output_tokens bigint NOT NULL,
+            cost double precision NOT NULL,
+            PRIMARY KEY (tenant, day, owner_key)
+        )""",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -424,7 +443,24 @@ _SAVE = (
     "last_seq = $12, input_tokens = $13, output_tokens = $14, cost = $15 WHERE pk = $1"
 )
 
+_DAILY_COLUMNS = ", ".join(DAILY_COUNTERS)
 _STATEMENTS: dict[str, str] = {
+    # one row per (day, owner) of the flush, sorted, so two flushes lock in one order
+    "add_daily": (
+        f"INSERT INTO {{s}}.daily (tenant, day, owner_key, {_DAILY_COLUMNS}) "
+        f"SELECT $1::text, u.* FROM unnest($2::integer[], $3::text[], $4::bigint[], "
+        "$5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], "
+        "$10::float8[]) AS u ORDER BY 2, 3 "
+        "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
+        + ", ".join(f"{name} = daily.{name} + excluded.{name}" for name in DAILY_COUNTERS)
+    ),
+    "read_daily": (
+        f"SELECT day, owner_key, {_DAILY_COLUMNS} FROM {{s}}.daily "
+        "WHERE tenant = $1 AND day BETWEEN $2 AND $3 AND ($4::text IS NULL OR owner_key = $4)"
+    ),
+    "session_owners": (
+        "SELECT id, owner FROM {s}.sessions WHERE tenant = $1 AND id = ANY($2::text[])"
+    ),
     "insert": (
         "WITH s AS (INSERT INTO {s}.sessions (tenant, id, owner, folder, title, status, step, "
         "metadata, version, created_at, updated_at, expires_at, idle_ttl, deadline, "
@@ -1762,6 +1798,29 @@ class PostgresEngine(Engine):
             return loaded is not None
 
         return await self._run(job)
+
+    # --- analytics ---------------------------------------------------------------------
+
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        columns = [[getattr(r, name) for r in rows] for name in DAILY_COUNTERS]
+        days = [r.day for r in rows]
+        owners = [r.owner or "" for r in rows]
+
+        async def job(conn: Connection) -> None:
+            await conn.execute(self._sql["add_daily"], tenant, days, owners, *columns)
+
+        await self._run(job)
+
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        key = (owner or "") if owner_set else None
+        rows = await self._fetch(self._sql["read_daily"], tenant, first, last, key)
+        return [DailyRecord(day, who or None, *counters) for day, who, *counters in rows]
+
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        rows = await self._fetch(self._sql["session_owners"], tenant, session_ids)
+        return {row[0]: row[1] for row in rows}
 
     # --- check and doctor --------------------------------------------------------------
 

@@ -65,6 +65,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -79,8 +80,10 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 from .. import rules
 from ..errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, VersionConflict
 from ..models import (
+    DAILY_COUNTERS,
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -113,6 +116,7 @@ _BATCH = 500  # index entries read, and metas fetched, per round trip
 # Separators: between the fields of a stored message, and between messages in a reply.
 # JSON text never holds either raw, and the store allows no control characters in roles.
 _SEP = "\x1f"
+_EPOCH = date(1970, 1, 1)
 _RS = "\x1e"
 
 # The meta hash's fields, in the order scripts return them and _record reads them.
@@ -775,6 +779,21 @@ _SESSION_KEYS = "\nlocal META, STATE, MSGS = KEYS[1], KEYS[2], KEYS[3]\n"
 _SESSION_NOW = "\nlocal now = tonumber(ARGV[1])\n"
 assert _SESSION_KEYS in _SESSION
 assert _SESSION_NOW in _SESSION
+# Analytics: add to a tenant's daily counters, one hash per month under the tenant's tag
+# (so one script on one node), fields "<day>\x1f<counter>\x1f<owner>". ARGV holds
+# (key number, field, increment) triples; the cost is a float, the other counters integers.
+_ADD_DAILY = """
+for i = 1, #ARGV, 3 do
+    local key, field, by = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
+    if string.find(field, '\\031cost\\031', 1, true) then
+        redis.call('HINCRBYFLOAT', key, field, by)
+    else
+        redis.call('HINCRBY', key, field, by)
+    end
+end
+return 0
+"""
+
 _SCRIPTS = {
     "insert": _Script.of(_SESSION, _INSERT),
     "get": _Script.of(_SESSION, _GET),
@@ -800,6 +819,7 @@ _SCRIPTS = {
     "guard_set": _Script.of(_LUA_GUARD, _GUARD_SET),
     "rate_hit": _Script.of(_LUA_GUARD, _LUA_RATE, _RATE_HIT),
     "rate_hit_turn": _Script.of(_LUA_GUARD, _LUA_RATE, _RATE_HIT_TURN),
+    "add_daily": _Script.of(_ADD_DAILY),
 }
 
 
@@ -2363,6 +2383,60 @@ class RedisEngine(Engine):
         if stored != 1 and cluster:
             await self._run(functools.partial(_queue_adds, self._insert_adds(r, "")))
         return True
+
+    # --- analytics -----------------------------------------------------------------------
+
+    def _daily_key(self, tenant: str, day: int) -> str:
+        month = _EPOCH + timedelta(days=day)
+        return f"{self._tenant(tenant).tag}:daily:{month.year:04d}{month.month:02d}"
+
+    @_hook
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        keys: dict[str, int] = {}
+        args: list[str] = []
+        for row in rows:
+            number = keys.setdefault(self._daily_key(tenant, row.day), len(keys) + 1)
+            owner = row.owner or ""
+            for name in DAILY_COUNTERS:
+                value = getattr(row, name)
+                if value:
+                    args += [str(number), _SEP.join((str(row.day), name, owner)), repr(value)]
+        if args:
+            await self._eval("add_daily", list(keys), args)
+
+    @_hook
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        months = list(dict.fromkeys(self._daily_key(tenant, day) for day in range(first, last + 1)))
+        hashes: list[dict[str, str]] = await self._run(
+            lambda pipe: [pipe.hgetall(key) for key in months]
+        )
+        wanted = owner or ""
+        rows: dict[tuple[int, str], DailyRecord] = {}
+        for found in hashes:
+            for field, value in found.items():
+                day_text, name, who = field.split(_SEP, 2)
+                day = int(day_text)
+                if not first <= day <= last or (owner_set and who != wanted):
+                    continue
+                row = rows.get((day, who))
+                if row is None:
+                    row = rows[day, who] = DailyRecord(day, who or None)
+                setattr(row, name, float(value) if name == "cost" else int(value))
+        return list(rows.values())
+
+    @_hook
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        metas = [self._meta(tenant, sid) for sid in session_ids]
+        found: list[list[str | None]] = await self._run(
+            lambda pipe: [pipe.hmget(meta, ["version", "owner"]) for meta in metas]
+        )
+        return {
+            sid: owner or None
+            for sid, (version, owner) in zip(session_ids, found, strict=True)
+            if version is not None
+        }
 
     @_hook
     async def load_folder(self, record: FolderRecord, replace: bool) -> bool:

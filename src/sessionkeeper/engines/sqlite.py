@@ -32,8 +32,10 @@ from ..errors import (
     SessionKeeperError,
 )
 from ..models import (
+    DAILY_COUNTERS,
     Change,
     CheckReport,
+    DailyRecord,
     DoctorReport,
     FolderRecord,
     GuardRecord,
@@ -200,6 +202,23 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                 cost = cost + excluded.cost;
         END""",
     ),
+    # Analytics: counters per tenant, UTC day and owner ('' for none), added to by
+    # add_daily; one row per day and owner, so a month of figures reads a month of rows.
+    4: (
+        """CREATE TABLE daily (
+            tenant TEXT NOT NULL,
+            day INTEGER NOT NULL,
+            owner_key TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            completed INTEGER NOT NULL,
+            completed_messages INTEGER NOT NULL,
+            messages INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost REAL NOT NULL,
+            PRIMARY KEY (tenant, day, owner_key)
+        ) WITHOUT ROWID""",
+    ),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 # The indexes the migrations create, which doctor looks for in the catalog.
@@ -217,6 +236,13 @@ EXPECTED_TRIGGERS = tuple(
     if (found := re.match(r"CREATE TRIGGER (\w+)", statement))
 )
 _CHECK_BATCH = 500
+_DAILY_COLUMNS = ", ".join(DAILY_COUNTERS)
+_ADD_DAILY = (
+    f"INSERT INTO daily (tenant, day, owner_key, {_DAILY_COLUMNS}) "
+    f"VALUES (?, ?, ?, {', '.join('?' * len(DAILY_COUNTERS))}) "
+    "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
+    + ", ".join(f"{name} = {name} + excluded.{name}" for name in DAILY_COUNTERS)
+)
 _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
 _RECORD = (
@@ -869,6 +895,53 @@ class SQLiteEngine(Engine):
 
     async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
         return await self._write(partial(_w_load_folder, record, replace))
+
+    # --- analytics ---------------------------------------------------------------------
+
+    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+        params = [
+            (tenant, r.day, r.owner or "", *(getattr(r, name) for name in DAILY_COUNTERS))
+            for r in rows
+        ]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(_ADD_DAILY, params)
+
+        await self._write(run)
+
+    async def read_daily(
+        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+    ) -> list[DailyRecord]:
+        sql = f"SELECT day, owner_key, {_DAILY_COLUMNS} FROM daily "
+        sql += "WHERE tenant = ? AND day BETWEEN ? AND ?"
+        params: list[Any] = [tenant, first, last]
+        if owner_set:
+            sql += " AND owner_key = ?"
+            params.append(owner or "")
+
+        def run(conn: sqlite3.Connection) -> list[DailyRecord]:
+            return [
+                DailyRecord(day, key or None, *counters)
+                for day, key, *counters in conn.execute(sql, params)
+            ]
+
+        return await self._read(run)
+
+    async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:
+        def run(conn: sqlite3.Connection) -> dict[str, str | None]:
+            found: dict[str, str | None] = {}
+            for at in range(0, len(session_ids), _CHECK_BATCH):
+                chunk = session_ids[at : at + _CHECK_BATCH]
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        f"SELECT id, owner FROM sessions WHERE tenant = ? AND id IN ({marks})",
+                        (tenant, *chunk),
+                    ).fetchall()
+                )
+            return found
+
+        return await self._read(run)
 
     # --- backup ------------------------------------------------------------------------
 

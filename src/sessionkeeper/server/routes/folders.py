@@ -1,14 +1,17 @@
-"""Folders and statistics: ``/v1/folders``, ``/v1/stats``."""
+"""Folders and statistics: ``/v1/folders``, ``/v1/stats``, ``/v1/analytics``."""
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 from pydantic import TypeAdapter
 
-from ...models import UNSET, Folder, Stats
+from ...analytics import Analytics, Grouping
+from ...errors import InvalidInput
+from ...models import UNSET, Folder, Stats, Unset
 from ..auth import Tenant
 from ..http import BODY, READ, WRITE, errors, json_response, list_response, require_media_type
 from ..limits import JSONRoute
@@ -94,3 +97,31 @@ async def delete_folder(
 )
 async def stats(store: Tenant, top: Annotated[int, Query(ge=0, le=100)] = 5) -> Response:
     return json_response(await store.stats(top=top))
+
+
+@router.get(
+    "/analytics",
+    response_model=Analytics,
+    responses=errors(*READ),
+    tags=["stats"],
+    summary="Sessions created and completed, messages, tokens and cost per day, week or "
+    "month, with the owners that cost most in each",
+)
+async def analytics(
+    store: Tenant,
+    days: Annotated[int, Query(ge=1, le=3_660, description="How many UTC days")] = 30,
+    until: Annotated[date | None, Query(description="The last day (default: today, UTC)")] = None,
+    group_by: Annotated[Grouping, Query(description="The period of each point")] = "day",
+    owner: Annotated[str | None, Query(description="Only this owner's figures")] = None,
+    no_owner: Annotated[
+        bool, Query(description="Only the figures of sessions without an owner")
+    ] = False,
+    top: Annotated[int, Query(ge=0, le=1_000, description="Owners by cost per period")] = 10,
+) -> Response:
+    """Figures are history, read from daily counters (one row per day and owner), never
+    from the sessions: a session deleted since still counts where it was counted."""
+    if owner is not None and no_owner:
+        raise InvalidInput("no_owner", "give either owner or no_owner, not both")
+    who: str | Unset | None = None if no_owner else UNSET if owner is None else owner
+    found = await store.analytics(days=days, until=until, group_by=group_by, owner=who, top=top)
+    return json_response(found)
