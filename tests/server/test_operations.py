@@ -327,6 +327,9 @@ async def test_bodies_must_be_json_objects(ops: Ops) -> None:
     assert form.status_code == 415
     listed = await ops.admin.post("/v1/admin/purge-sessions", json=["older_than"])
     assert listed.status_code == 422
+    in_body = await ops.admin.post("/v1/admin/check", json={"repair": True})
+    assert in_body.status_code == 422
+    assert in_body.json()["field"] == "body"
     flag = await ops.admin.post("/v1/admin/check", params={"repair": "maybe"})
     assert flag.status_code == 422
     assert flag.json()["field"] == "query.repair"

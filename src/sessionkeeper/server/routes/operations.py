@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ... import checks, maintenance
 from ..auth import AdminStore
 from ..http import AUTH, BODY, errors, require_media_type
 from ..limits import JSONRoute
+from ..problems import ProblemError
 
 __all__ = [
     "ArchiveIn",
@@ -42,6 +43,14 @@ _ALL_TENANTS = "Every tenant, not only the key's (or `?tenant=`)"
 _DURATION = "How long without activity (`updated_at`): a whole number and a unit, s, m, h, d or w"
 _DRY_RUN = "Count and sample what would change; change nothing"
 _BATCH = "Sessions listed per page (default purge_batch_size; at most max_page_size)"
+
+
+async def _no_body(request: Request) -> None:
+    """Refuse a body where options are query parameters, rather than ignore it."""
+    if await request.body():
+        raise ProblemError(
+            422, "body: send no body; repair and all_tenants are query parameters", field="body"
+        )
 
 
 # --- bodies ------------------------------------------------------------------------------
@@ -154,6 +163,7 @@ class PurgeOut(BaseModel):
 @router.post(
     "/check",
     response_model=CheckOut,
+    dependencies=[Depends(_no_body)],
     responses=errors(*AUTH),
     summary="Find damage in the storage and, with repair, fix it (admin keys)",
 )
