@@ -178,6 +178,16 @@ async def test_webhooks_need_a_url() -> None:
     assert caught.value.field == "webhook_url"
 
 
+async def test_the_log_refuses_a_bad_filter(store: SessionStore) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await list_deliveries(store, status="lost")
+    assert caught.value.field == "status"
+    for limit in (0, 1001, True):
+        with pytest.raises(InvalidInput) as caught:
+            await list_deliveries(store, limit=limit)
+        assert caught.value.field == "limit"
+
+
 def test_a_signature_verifies_and_any_change_breaks_it() -> None:
     body = b'{"id":"x","event":"completed"}'
     now = 1_700_000_000
