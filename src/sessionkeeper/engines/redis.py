@@ -62,6 +62,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ from ..models import (
     GuardUpdate,
     MessageDraft,
     MessageRecord,
+    OwnerCost,
+    OwnerCount,
     SessionQuery,
     SessionRecord,
     Stats,
@@ -158,11 +161,11 @@ _CHANGED = tuple(
 _LUA_SESSION = r"""
 local META, STATE, MSGS = KEYS[1], KEYS[2], KEYS[3]
 local FIELDS = {__FIELDS__}
-local LAST = #ARGV - 3 * (#KEYS - 3)
+local LAST = #ARGV - 3 * math.max(#KEYS - 4, 0)
 
 local function index()
-  for i = 4, #KEYS do
-    local at = LAST + 3 * (i - 4)
+  for i = 5, #KEYS do
+    local at = LAST + 3 * (i - 5)
     local how, value, member = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
     if how == 'HSET' or how == 'HSETNX' then
       redis.call(how, KEYS[i], member, value)
@@ -274,6 +277,118 @@ end
 local now = tonumber(ARGV[1])
 """
 
+# The tenant's stats, kept by the scripts that write sessions (on one server) or by the
+# tenant's own script after them (on Cluster): TALLIES holds the figures each counted
+# session adds to COUNTERS, which sums them per status and owner (fields n, m, i, o and c,
+# then \031status\031owner: sessions, messages, input and output tokens, cost in
+# nano-units, so that sums never drift); COUNTERS's field v marks a tenant whose every
+# session is counted. A session's figures: version, created_at, owner ('-' for None, else
+# '=' and the owner), status, message_count, input_tokens, output_tokens, cost, joined by
+# \031.
+_LUA_TALLY = r"""
+local TALLIES, COUNTERS, CREATED, UPDATED
+local METRICS = {'m', 'i', 'o'}
+
+local function tenant_keys(tag)
+  TALLIES, COUNTERS = tag .. ':tallies', tag .. ':counters'
+  CREATED, UPDATED = tag .. ':by-created', tag .. ':by-updated'
+end
+
+local function figures(text)
+  return {string.match(text, '^([^\031]*)\031([^\031]*)\031([^\031]*)\031([^\031]*)\031'
+    .. '([^\031]*)\031([^\031]*)\031([^\031]*)\031([^\031]*)$')}
+end
+
+local function nano(cost) return math.floor(tonumber(cost) * 1e9 + 0.5) end
+
+-- Add (sign 1) or take away (-1) a session's figures in its group; a group that counts no
+-- session any more goes.
+local function count(f, sign)
+  local group = '\031' .. f[4] .. '\031' .. f[3]
+  local n = redis.call('HINCRBY', COUNTERS, 'n' .. group, sign)
+  for k = 5, 7 do
+    if f[k] ~= '0' then
+      local by = f[k]
+      if sign < 0 then by = '-' .. by end
+      redis.call('HINCRBY', COUNTERS, METRICS[k - 4] .. group, by)
+    end
+  end
+  local c = nano(f[8])
+  if c ~= 0 then redis.call('HINCRBY', COUNTERS, 'c' .. group, string.format('%d', sign * c)) end
+  if n <= 0 then
+    redis.call('HDEL', COUNTERS, 'n' .. group, 'm' .. group, 'i' .. group, 'o' .. group,
+      'c' .. group)
+  end
+end
+
+-- An integer counter from a to b (decimal text; beyond what a double holds, two steps).
+local function shift(field, a, b)
+  if a == b then return end
+  if #a < 16 and #b < 16 then
+    redis.call('HINCRBY', COUNTERS, field, string.format('%d', tonumber(b) - tonumber(a)))
+  else
+    if a ~= '0' then redis.call('HINCRBY', COUNTERS, field, '-' .. a) end
+    redis.call('HINCRBY', COUNTERS, field, b)
+  end
+end
+
+-- Count session `id` with figures `new` (false: not at all) in place of `old` (its tally).
+local function tally(id, old, new)
+  if old == new then return end
+  local o, n = old and figures(old), new and figures(new)
+  if o and n and o[3] == n[3] and o[4] == n[4] then
+    local group = '\031' .. o[4] .. '\031' .. o[3]
+    for k = 5, 7 do shift(METRICS[k - 4] .. group, o[k], n[k]) end
+    local c = nano(n[8]) - nano(o[8])
+    if c ~= 0 then redis.call('HINCRBY', COUNTERS, 'c' .. group, string.format('%d', c)) end
+  else
+    if o then count(o, -1) end
+    if n then count(n, 1) end
+  end
+  if n then
+    redis.call('HSET', TALLIES, id, new)
+    if not o and redis.call('HEXISTS', COUNTERS, 'v') == 0 then
+      -- The tenant's first session is counted from the start; the sessions of a tenant
+      -- written before the counters existed are counted by one walk (RedisEngine._count_all).
+      local size = redis.call('ZCARD', CREATED)
+      if size == 0 or (size == 1 and redis.call('ZSCORE', CREATED, id)) then
+        redis.call('HSET', COUNTERS, 'v', '1')
+      end
+    end
+  else
+    redis.call('HDEL', TALLIES, id)
+    redis.call('ZREM', UPDATED, id)
+    -- Counters of no session hold only the marker: they go, and the next first session
+    -- marks them again.
+    if redis.call('HLEN', COUNTERS) == 1 and redis.call('HEXISTS', COUNTERS, 'v') == 1 then
+      redis.call('DEL', COUNTERS)
+    end
+  end
+end
+"""
+
+# Session scripts on one server count the session themselves: KEYS[4] is then the tenant's
+# tallies key, and the others are named after it.
+_LUA_RECOUNT = r"""
+if #KEYS >= 4 then tenant_keys(string.sub(KEYS[4], 1, -9)) end
+
+-- The session's figures as stored now, or false if it is gone.
+local function stored_figures()
+  local v = redis.call('HMGET', META, 'version', 'created_at', 'owner', 'status',
+    'message_count', 'input_tokens', 'output_tokens', 'cost')
+  if not v[1] then return false end
+  if v[3] then v[3] = '=' .. v[3] else v[3] = '-' end
+  return table.concat(v, '\031')
+end
+
+-- Count the session as it is stored now (on one server; on Cluster the engine does it).
+local function recount()
+  if not TALLIES then return end
+  local id = string.match(META, '/([^/]*)}:meta$')
+  tally(id, redis.call('HGET', TALLIES, id), stored_figures())
+end
+"""
+
 _LUA_REST = (
     "local REST = {"
     + ", ".join(f"'{f}'" for f in _FIELDS if f not in ("version", "expires_at"))
@@ -290,6 +405,7 @@ redis.call('HSET', META, unpack(ARGV, 4, LAST))
 redis.call('SET', STATE, ARGV[3])
 expire_at(tonumber(ARGV[2]))
 index()
+recount()
 if old[1] then return 2 end
 return 1
 """
@@ -366,7 +482,8 @@ end
 _APPEND = r"""
 local function append(NOW, EXPECTED, INDEXED, first, n)
   local m, why = writable(now, EXPECTED, {'idle_ttl', 'deadline', 'last_seq', 'cost',
-    'updated_at', 'message_count', 'input_tokens', 'output_tokens'})
+    'updated_at', 'message_count', 'input_tokens', 'output_tokens', 'created_at', 'owner',
+    'status'})
   if not m then return why end
   local last = tonumber(m.last_seq)
   local cost = tonumber(m.cost)
@@ -422,11 +539,26 @@ local function append(NOW, EXPECTED, INDEXED, first, n)
       redis.call('PEXPIREAT', MSGS, string.format('%.0f', ms))
     end
   end
-  if INDEXED == '1' then
-    local tag = string.match(META, '^([^{]*{[^/]*)/')
-    redis.call('ZADD', tag .. '}:by-updated', 'XX', NOW, string.match(META, '/([^/]*)}:meta$'))
+  -- The session's figures now, which on one server it counts here and on Cluster the
+  -- engine counts on the tenant's node.
+  local tokens_in_text, tokens_out_text = int(tokens_in), int(tokens_out)
+  if not exact then
+    local t = redis.call('HMGET', META, 'input_tokens', 'output_tokens')
+    tokens_in_text, tokens_out_text = t[1], t[2]
   end
-  return last
+  local owner = '-'
+  if m.owner then owner = '=' .. m.owner end
+  local new = table.concat({set[2], m.created_at, owner, m.status, set[10], tokens_in_text,
+    tokens_out_text, set[8]}, '\031')
+  if INDEXED == '1' then
+    local tag = string.match(META, '^([^{]*{[^/]*)/') .. '}'
+    local id = string.match(META, '/([^/]*)}:meta$')
+    redis.call('ZADD', tag .. ':by-updated', 'XX', NOW, id)
+    tenant_keys(tag)
+    tally(id, redis.call('HGET', TALLIES, id), new)
+    return last
+  end
+  return {'ok', last, new}
 end
 
 local replies = {}
@@ -459,6 +591,7 @@ redis.call('ZREMRANGEBYRANK', MSGS, -1, -1)
 remove(m, 1, tonumber(tokens_in), tonumber(tokens_out), tonumber(cost))
 save(m, now)
 index()
+recount()
 return {'ok', record(m), top[1]}
 """
 )
@@ -474,16 +607,19 @@ redis.call('DEL', MSGS)
 remove(m, removed, tonumber(m.input_tokens), tonumber(m.output_tokens), tonumber(m.cost))
 save(m, now)
 index()
+recount()
 return {'ok', record(m), removed}
 """
 )
 
-# ARGV: now, expected version or ''. Replies {'ok', owner, folder, status}.
+# ARGV: now, expected version or ''. Replies {'ok', owner, folder, status, version,
+# created_at}.
 _DELETE = r"""
-local m, why = writable(now, ARGV[2], {'owner', 'folder', 'status', 'updated_at'})
+local m, why = writable(now, ARGV[2], {'owner', 'folder', 'status', 'updated_at', 'created_at'})
 if not m then return why end
 redis.call('DEL', META, STATE, MSGS)
-return {'ok', m.owner, m.folder, m.status}
+recount()
+return {'ok', m.owner, m.folder, m.status, m.version, m.created_at}
 """
 
 # A change computed by rules.apply_change from a read at version ARGV[2], written only if
@@ -508,25 +644,32 @@ local expires = renewed(old, tonumber(m.idle_ttl), tonumber(m.deadline), now)
 if expires ~= old then redis.call('HSET', META, 'expires_at', num(expires)) end
 expire_at(expires)
 index()
+recount()
 if expires then return {'ok', num(expires)} end
 return {'ok'}
 """
 
 # ARGV: now. Deletes the session if it has expired. Replies {'deleted', owner, folder,
-# status}, {'gone'} (no such session) or {'live', expires_at}.
+# status, version, created_at}, {'gone'} (no such session) or {'live', expires_at}.
 _PURGE = r"""
-local m = redis.call('HMGET', META, 'version', 'expires_at', 'owner', 'folder', 'status')
-if not m[1] then return {'gone'} end
+local m = redis.call('HMGET', META, 'version', 'expires_at', 'owner', 'folder', 'status',
+  'created_at')
+if not m[1] then
+  recount()  -- Redis dropped it: it counts no more
+  return {'gone'}
+end
 if m[2] and tonumber(m[2]) <= now then
   redis.call('DEL', META, STATE, MSGS)
-  return {'deleted', m[3], m[4], m[5]}
+  recount()
+  return {'deleted', m[3], m[4], m[5], m[1], m[6]}
 end
 return {'live', m[2]}
 """
 
 # A member of a deleted folder. ARGV: now, the folder, the folder to move to ('' for none),
 # '1' to delete the session instead. Replies nil if the session is not in that folder, else
-# {'moved', 1 if live, created_at, owner, status} or {'deleted', 1 if live, owner, status}.
+# {'moved', 1 if live, created_at, owner, status} or {'deleted', 1 if live, owner, status,
+# version, created_at}.
 _LEAVE_FOLDER = r"""
 local m = redis.call('HMGET', META, 'version', 'folder', 'expires_at', 'owner', 'status',
   'created_at')
@@ -535,7 +678,8 @@ local alive = 0
 if not m[3] or tonumber(m[3]) > now then alive = 1 end
 if ARGV[4] == '1' then
   redis.call('DEL', META, STATE, MSGS)
-  return {'deleted', alive, m[4], m[5]}
+  recount()
+  return {'deleted', alive, m[4], m[5], m[1], m[6]}
 end
 if ARGV[3] == '' then
   redis.call('HDEL', META, 'folder')
@@ -575,6 +719,7 @@ for j = fields + 1, LAST, 1000 do
 end
 expire_at(tonumber(ARGV[3]))
 index()
+recount()
 if alive then return 3 end
 if old[1] then return 2 end
 return 1
@@ -667,6 +812,95 @@ if score and tonumber(score) == tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 end
 return 0
+"""
+
+# --- stats: the tenant's counters ---------------------------------------------------------
+
+# On Cluster, the figures of sessions that scripts on other nodes wrote. KEYS: tallies,
+# counters, by-created, by-updated. ARGV, three per session: id, 'set' and its figures (kept
+# unless its tally is of a later write: created_at, then version, so a late or repeated
+# call changes nothing), or 'drop' and '' (it went) or the created_at and version, joined by
+# \031, of the copy that went (kept if its tally is of a later one).
+_TALLY = r"""
+tenant_keys(string.sub(KEYS[1], 1, -9))
+local function later(created, version, than_created, than_version)
+  created, than_created = tonumber(created), tonumber(than_created)
+  if created ~= than_created then return created > than_created end
+  return tonumber(version) >= tonumber(than_version)
+end
+for j = 1, #ARGV, 3 do
+  local id, how, text = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+  local old = redis.call('HGET', TALLIES, id)
+  if how == 'set' then
+    local o, n = old and figures(old), figures(text)
+    if not o or later(n[2], n[1], o[2], o[1]) then tally(id, old, text) end
+  elseif old then
+    local o = figures(old)
+    local created, version = string.match(text, '^([^\031]*)\031(.*)$')
+    if text == '' or later(created, version, o[2], o[1]) then tally(id, old, false) end
+  end
+end
+return 0
+"""
+
+# The stored part of the stats. KEYS: counters, by-expiry, tallies, by-updated. ARGV: now,
+# since. Replies {1 if every session is counted, the counters as field/value pairs, the
+# counted sessions among the expiry candidates at now, their figures, their by-updated
+# scores ('' if none), the by-updated entries at or after since}.
+_STATS = r"""
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local ids, found, scores = {}, {}, {}
+for _, id in ipairs(due) do
+  local f = redis.call('HGET', KEYS[3], id)
+  if f then
+    ids[#ids + 1] = id
+    found[#found + 1] = f
+    scores[#scores + 1] = redis.call('ZSCORE', KEYS[4], id) or ''
+  end
+end
+return {redis.call('HEXISTS', KEYS[1], 'v'), redis.call('HGETALL', KEYS[1]), ids, found,
+  scores, redis.call('ZCOUNT', KEYS[4], ARGV[2], '+inf')}
+"""
+
+# check: whether the counters are the sums of the tallies, and with ARGV[1] = '1' make them
+# so. KEYS: tallies, counters. Replies the groups (\031status\031owner) that were not.
+_CHECK_COUNTERS = r"""
+local sums = {}
+local function add(field, by) sums[field] = (sums[field] or 0) + by end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 2, #all, 2 do
+  local f = figures(all[i])
+  local group = '\031' .. f[4] .. '\031' .. f[3]
+  add('n' .. group, 1)
+  for k = 5, 7 do add(METRICS[k - 4] .. group, tonumber(f[k])) end
+  add('c' .. group, nano(f[8]))
+end
+local stored = redis.call('HGETALL', KEYS[2])
+local seen, wrong, groups = {}, false, {}
+local function differs(field)
+  wrong = true
+  groups[string.sub(field, 2)] = true
+end
+for i = 1, #stored, 2 do
+  if stored[i] ~= 'v' then
+    seen[stored[i]] = true
+    if tonumber(stored[i + 1]) ~= (sums[stored[i]] or 0) then differs(stored[i]) end
+  end
+end
+for field, value in pairs(sums) do
+  if not seen[field] and value ~= 0 then differs(field) end
+end
+if wrong and ARGV[1] == '1' then
+  local marker = redis.call('HGET', KEYS[2], 'v')
+  redis.call('DEL', KEYS[2])
+  for field, value in pairs(sums) do
+    if value ~= 0 then redis.call('HSET', KEYS[2], field, string.format('%d', value)) end
+  end
+  if marker then redis.call('HSET', KEYS[2], 'v', marker) end
+end
+local reply = {}
+for group in pairs(groups) do reply[#reply + 1] = group end
+return reply
 """
 
 # --- guards: small values under the tenant's hash tag, changed by compare-and-set ---------
@@ -779,6 +1013,7 @@ _SESSION_KEYS = "\nlocal META, STATE, MSGS = KEYS[1], KEYS[2], KEYS[3]\n"
 _SESSION_NOW = "\nlocal now = tonumber(ARGV[1])\n"
 assert _SESSION_KEYS in _SESSION
 assert _SESSION_NOW in _SESSION
+_COUNTED = _SESSION + _LUA_TALLY + _LUA_RECOUNT  # a session script that counts the session
 # Analytics: add to a tenant's daily counters, one hash per month under the tenant's tag
 # (so one script on one node), fields "<day>\x1f<counter>\x1f<owner>". ARGV holds
 # (key number, field, increment) triples; the cost is a float, the other counters integers.
@@ -795,22 +1030,30 @@ return 0
 """
 
 _SCRIPTS = {
-    "insert": _Script.of(_SESSION, _INSERT),
+    "insert": _Script.of(_COUNTED, _INSERT),
     "get": _Script.of(_SESSION, _GET),
     "messages": _Script.of(
         _SESSION.replace(_SESSION_KEYS, _TURN_KEYS).replace(_SESSION_NOW, _TURN_NOW), _MESSAGES
     ),
     "append": _Script.of(
-        _SESSION.replace(_SESSION_KEYS, _TURN_KEYS).replace(_SESSION_NOW, _TURN_NOW), _APPEND
+        _SESSION.replace(_SESSION_KEYS, _TURN_KEYS).replace(_SESSION_NOW, _TURN_NOW),
+        _LUA_TALLY,
+        _APPEND,
     ),
-    "pop": _Script.of(_SESSION, _POP),
-    "clear": _Script.of(_SESSION, _CLEAR),
-    "delete": _Script.of(_SESSION, _DELETE),
-    "change": _Script.of(_SESSION, _CHANGE),
-    "purge": _Script.of(_SESSION, _PURGE),
-    "leave_folder": _Script.of(_SESSION, _LEAVE_FOLDER),
+    "pop": _Script.of(_COUNTED, _POP),
+    "clear": _Script.of(_COUNTED, _CLEAR),
+    "delete": _Script.of(_COUNTED, _DELETE),
+    "change": _Script.of(_COUNTED, _CHANGE),
+    "purge": _Script.of(_COUNTED, _PURGE),
+    "leave_folder": _Script.of(_COUNTED, _LEAVE_FOLDER),
     "export": _Script.of(_SESSION, _EXPORT),
-    "load": _Script.of(_SESSION, _LOAD),
+    "load": _Script.of(_COUNTED, _LOAD),
+    # One server: count a session as stored now. Cluster: its figures, for "tally".
+    "recount": _Script.of(_COUNTED, "\nrecount()\nreturn 0\n"),
+    "figures": _Script.of(_COUNTED, "\nreturn stored_figures()\n"),
+    "tally": _Script.of(_LUA_TALLY, _TALLY),
+    "stats": _Script.of(_STATS),
+    "check_counters": _Script.of(_LUA_TALLY, _CHECK_COUNTERS),
     "insert_folder": _Script.of(_LUA_TENANT, _INSERT_FOLDER),
     "load_folder": _Script.of(_LUA_TENANT, _LOAD_FOLDER),
     "rename_folder": _Script.of(_LUA_TENANT, _RENAME_FOLDER),
@@ -971,6 +1214,13 @@ def _queue_hexists(key: str, fields: list[str], pipe: _Pipe) -> None:
         pipe.hexists(key, name)
 
 
+def _queue_indexed(t: _Tenant, ids: list[str], pipe: _Pipe) -> None:
+    """Whether the entries hash, then by-created, names each of these sessions."""
+    for sid in ids:
+        pipe.hexists(t.entries, sid)
+        pipe.zscore(t.created, sid)
+
+
 def _member_key(value: str | None) -> str:
     return "-" if value is None else f"={value}"
 
@@ -988,7 +1238,17 @@ def _from_entry(text: str) -> tuple[str | None, str | None, str]:
 class _Tenant:
     """The keys of one tenant's indexes and folders, all in the tenant's slot."""
 
-    __slots__ = ("created", "entries", "expiry", "folders", "names", "tag", "updated")
+    __slots__ = (
+        "counters",
+        "created",
+        "entries",
+        "expiry",
+        "folders",
+        "names",
+        "tag",
+        "tallies",
+        "updated",
+    )
 
     def __init__(self, prefix: str, tenant: str) -> None:
         self.tag = f"{prefix}{{{tenant}}}"
@@ -998,6 +1258,15 @@ class _Tenant:
         self.entries = f"{self.tag}:entries"
         self.folders = f"{self.tag}:folders"
         self.names = f"{self.tag}:folder-names"
+        self.tallies = f"{self.tag}:tallies"
+        self.counters = f"{self.tag}:counters"
+
+    def queue_tally(self, pipe: _Pipe, changes: Sequence[tuple[str, str, str]]) -> None:
+        """Queue the tenant's script that counts sessions other nodes wrote (on Cluster):
+        (id, "set", figures) or (id, "drop", "" or the created_at and version that went)."""
+        args = [x for change in changes for x in change]
+        keys = (self.tallies, self.counters, self.created, self.updated)
+        pipe.execute_command("EVALSHA", _SCRIPTS["tally"].sha, len(keys), *keys, *args)
 
     def owner(self, owner: str | None) -> str:
         return f"{self.tag}:by-owner:{_member_key(owner)}"
@@ -1048,6 +1317,66 @@ def _sort_out(
         if rules.matches(record, query, now):
             found.append(record)
     return found
+
+
+def _figures(r: SessionRecord) -> str:
+    """What a session adds to its tenant's stats counters (see _LUA_TALLY)."""
+    return _SEP.join(
+        (
+            str(r.version),
+            repr(r.created_at),
+            _member_key(r.owner),
+            r.status,
+            str(r.message_count),
+            str(r.input_tokens),
+            str(r.output_tokens),
+            repr(r.cost),
+        )
+    )
+
+
+def _gone(version: str, created_at: str) -> str:
+    """A tally drop's guard: the copy of a session that went."""
+    return f"{created_at}{_SEP}{version}"
+
+
+def _nano(cost: str) -> int:
+    """A cost in nano-units, as the counters sum it (the same arithmetic as Lua's nano)."""
+    return math.floor(float(cost) * 1e9 + 0.5)
+
+
+def _stats(groups: dict[tuple[str, str], list[int]], recent: int, top: int) -> Stats:
+    """Stats from the live sessions' figures per (status, owner key): sessions, messages,
+    input and output tokens, cost in nano-units; as rules.stats_of ranks owners."""
+    statuses: dict[str, int] = {}
+    owners: dict[str | None, int] = {}
+    costs: dict[str | None, int] = {}
+    sums = [0, 0, 0, 0, 0]
+    for (status, key), figures in groups.items():
+        if figures[0] <= 0:
+            continue
+        owner = None if key == "-" else key[1:]
+        statuses[status] = statuses.get(status, 0) + figures[0]
+        owners[owner] = owners.get(owner, 0) + figures[0]
+        costs[owner] = costs.get(owner, 0) + figures[4]
+        sums = [a + b for a, b in zip(sums, figures, strict=True)]
+    total, messages, input_tokens, output_tokens, cost = sums
+    ranked = sorted(owners.items(), key=lambda item: (-item[1], item[0] or ""))
+    by_cost = sorted(costs.items(), key=lambda item: (-item[1], item[0] or ""))
+    return Stats(
+        total=total,
+        active=statuses.get("active", 0),
+        completed=statuses.get("completed", 0),
+        archived=statuses.get("archived", 0),
+        active_last_24h=recent,
+        completion_rate=statuses.get("completed", 0) / total if total else 0.0,
+        messages=messages,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost / 1e9,
+        top_owners=[OwnerCount(owner=o, sessions=n) for o, n in ranked[:top]],
+        top_owners_by_cost=[OwnerCost(owner=o, cost=c / 1e9) for o, c in by_cost[:top]],
+    )
 
 
 def _queue_adds(adds: Sequence[_Add], pipe: _Pipe) -> None:
@@ -1315,6 +1644,14 @@ class RedisEngine(Engine):
         tag = f"{self._options.prefix}{{{tenant}/{session_id}}}"
         return [f"{tag}:meta", f"{tag}:state", f"{tag}:msgs"]
 
+    def _counted_keys(self, tenant: str, session_id: str) -> list[str]:
+        """The keys of a script that writes a session: on one server, where it keeps the
+        tenant's stats counters itself, its tallies key after the session's keys."""
+        keys = self._session_keys(tenant, session_id)
+        if not self._options.cluster:
+            keys.append(self._tenant(tenant).tallies)
+        return keys
+
     @property
     def _registry(self) -> str:
         """The zset of every tenant that has had a session or a folder."""
@@ -1373,7 +1710,7 @@ class RedisEngine(Engine):
     ) -> None:
         """Queue script ``name`` once for each of these sessions."""
         for sid in ids:
-            self._queue_eval(pipe, name, self._session_keys(tenant, sid), args)
+            self._queue_eval(pipe, name, self._counted_keys(tenant, sid), args)
 
     @staticmethod
     def _queue_eval(pipe: _Pipe, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
@@ -1428,14 +1765,21 @@ class RedisEngine(Engine):
                 pairs += [name, _text(value)]
         expires = "" if r.expires_at is None else repr(r.expires_at)
         args = [repr(now), expires, r.state, *pairs]
-        keys = self._session_keys(r.tenant, r.id)
+        keys = self._counted_keys(r.tenant, r.id)
         # On Cluster the adds land even if a live session has the id: NX keeps its entries.
         adds = self._insert_adds(r, "NX" if self._options.cluster else "")
         stored = await self._write("insert", keys, args, adds)
         if stored == 0:
             raise AlreadyExists(f"session {r.id!r} already exists")
-        if stored == 2 and self._options.cluster:  # over an expired session, whose scores NX kept
-            await self._run(functools.partial(_queue_adds, self._insert_adds(r, "")))
+        if self._options.cluster:
+            await self._run(functools.partial(self._queue_stored, r, stored))
+
+    def _queue_stored(self, r: SessionRecord, stored: int, pipe: _Pipe) -> None:
+        """On Cluster, after an insert or load wrote ``r``: its counts and, over a session
+        that was there (whose scores NX kept), its index scores."""
+        if stored != 1:
+            _queue_adds(self._insert_adds(r, ""), pipe)
+        self._tenant(r.tenant).queue_tally(pipe, [(r.id, "set", _figures(r))])
 
     def _insert_adds(self, r: SessionRecord, flag: str) -> list[_Add]:
         t = self._tenant(r.tenant)
@@ -1462,12 +1806,18 @@ class RedisEngine(Engine):
     async def delete_session(
         self, tenant: str, session_id: str, now: float, expected_version: int | None
     ) -> None:
-        keys = self._session_keys(tenant, session_id)
+        keys = self._counted_keys(tenant, session_id)
         reply = await self._eval("delete", keys, [repr(now), _version(expected_version)])
         self._raise_for(reply, session_id, expected_version)
-        _, owner, folder, status = reply
+        _, owner, folder, status, version, created = reply
         t = self._tenant(tenant)
-        await self._run(lambda pipe: self._unindex(pipe, t, session_id, owner, folder, status))
+
+        def queue(pipe: _Pipe) -> None:
+            self._unindex(pipe, t, session_id, owner, folder, status)
+            if self._options.cluster:
+                t.queue_tally(pipe, [(session_id, "drop", _gone(version, created))])
+
+        await self._run(queue)
 
     @staticmethod
     def _unindex(
@@ -1502,7 +1852,7 @@ class RedisEngine(Engine):
     ) -> tuple[SessionRecord, list[MessageRecord]]:
         # A read, rules.apply_change in Python (a merge patch must not run in Lua, whose
         # cjson loses {} versus [] and big integers), then a compare-and-set on the version.
-        keys = self._session_keys(tenant, session_id)
+        keys = self._counted_keys(tenant, session_id)
         with_state = change.has_state_patch or (change.want_state and change.state is None)
         while True:
             found = await self._eval("get", keys, [repr(now), "1" if with_state else "0", "0"])
@@ -1517,6 +1867,8 @@ class RedisEngine(Engine):
             reply = await self._write("change", keys, args, adds)
             if reply[0] == "ok":
                 new.expires_at = _float(reply[1]) if len(reply) > 1 else None
+                if self._options.cluster:
+                    await self._count_on_cluster(tenant, [(session_id, "set", _figures(new))])
                 return new, appended
             if reply[0] == "conflict":
                 await self._restore_updated(tenant, session_id, now, reply[2])
@@ -1610,9 +1962,16 @@ class RedisEngine(Engine):
             pipe.zadd(updated, {session_id: now}, xx=True)
 
         [reply] = (await self._run(queue))[0]
-        if not isinstance(reply, int) and reply[0] == "conflict":
+        if reply[0] == "ok":
+            await self._count_on_cluster(tenant, [(session_id, "set", reply[2])])
+            return int(reply[1])
+        if reply[0] == "conflict":
             await self._restore_updated(tenant, session_id, now, reply[2])
         return reply
+
+    async def _count_on_cluster(self, tenant: str, changes: Sequence[tuple[str, str, str]]) -> None:
+        """On Cluster, count what a session script on another node wrote."""
+        await self._run(lambda pipe: self._tenant(tenant).queue_tally(pipe, changes))
 
     async def _run_turn(self, script: str, jobs: list[_Job]) -> None:
         """One call of ``script`` for the jobs of a turn (on one server): one reply each."""
@@ -1688,7 +2047,7 @@ class RedisEngine(Engine):
         self, name: str, tenant: str, session_id: str, now: float, expected_version: int | None
     ) -> tuple[SessionRecord, Any]:
         """Run the pop or clear script; returns the record after it and its last reply."""
-        keys = self._session_keys(tenant, session_id)
+        keys = self._counted_keys(tenant, session_id)
         args = [repr(now), _version(expected_version)]
         adds: list[_Add] = [(self._tenant(tenant).updated, "XX", now, session_id)]
         reply = await self._write(name, keys, args, adds)
@@ -1696,6 +2055,8 @@ class RedisEngine(Engine):
             await self._restore_updated(tenant, session_id, now, reply[2])
         self._raise_for(reply, session_id, expected_version)
         record = _record(tenant, session_id, _unpack(reply[1]), None)
+        if self._options.cluster:
+            await self._count_on_cluster(tenant, [(session_id, "set", _figures(record))])
         if record.updated_at != now:  # a pop of an empty history changed nothing
             await self._restore_updated(tenant, session_id, now, _text(record.updated_at))
         return record, reply[2]
@@ -1893,9 +2254,69 @@ class RedisEngine(Engine):
 
     @_hook
     async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
-        index = _Index(self._tenant(tenant).created, "created_at")
-        live = await self._matching(tenant, index, SessionQuery(), now)
-        return rules.stats_of(live, since, top)
+        # The counters, less the sessions they count that are expired at now (by-expiry's
+        # candidates, whose scores may lag, checked against their meta); never a walk of
+        # the sessions, but once for a tenant written before the counters existed.
+        t = self._tenant(tenant)
+        keys = [t.counters, t.expiry, t.tallies, t.updated]
+        reply = await self._eval("stats", keys, [repr(now), repr(since)])
+        if not reply[0] and await self._count_all(tenant):
+            reply = await self._eval("stats", keys, [repr(now), repr(since)])
+        _, pairs, due, found, scores, recent = reply
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i in range(0, len(pairs), 2):
+            field, value = pairs[i], int(pairs[i + 1])
+            if field != "v":
+                metric, status, owner = field.split(_SEP)
+                figures = groups.setdefault((status, owner), [0, 0, 0, 0, 0])
+                figures["nmioc".index(metric)] += value
+        metas = await self._run(
+            lambda pipe: [
+                pipe.hmget(self._meta(tenant, sid), ["version", "expires_at"]) for sid in due
+            ]
+        )
+        for text, score, (version, expires) in zip(found, scores, metas, strict=True):
+            if version is not None and not rules.is_expired(_float(expires), now):
+                continue  # renewed since its by-expiry entry was written
+            _, _, owner, status, messages, tokens_in, tokens_out, cost = text.split(_SEP)
+            figures = groups.setdefault((status, owner), [0, 0, 0, 0, 0])
+            for i, value in enumerate((1, int(messages), int(tokens_in), int(tokens_out))):
+                figures[i] -= value
+            figures[4] -= _nano(cost)
+            if score and float(score) >= since:
+                recent -= 1
+        return _stats(groups, recent, top)
+
+    async def _count_all(self, tenant: str) -> bool:
+        """Count every session of a tenant written before the counters existed, one walk
+        of by-created, and mark its counters as complete. False if it has no session."""
+        t = self._tenant(tenant)
+        walked = False
+        async with contextlib.aclosing(self._pages(t.created, "-inf", "+inf", False)) as pages:
+            async for page in pages:
+                await self._recount(tenant, [sid for sid, _ in page])
+                walked = True
+        if walked:
+            await self._redis.hset(t.counters, "v", "1")
+        return walked
+
+    async def _recount(self, tenant: str, ids: Sequence[str]) -> None:
+        """Count these sessions as they are stored now; those that are gone no more. On one
+        server one script each does it; on Cluster their figures are read, then counted on
+        the tenant's node (where a write that came between is never undone, as later)."""
+        if not ids:
+            return
+        if not self._options.cluster:
+            await self._run(functools.partial(self._queue_each, "recount", tenant, ids, ["0"]))
+            return
+        found = await self._run(functools.partial(self._queue_each, "figures", tenant, ids, ["0"]))
+        await self._count_on_cluster(
+            tenant,
+            [
+                (sid, "drop", "") if figures is None else (sid, "set", figures)
+                for sid, figures in zip(ids, found, strict=True)
+            ],
+        )
 
     # --- folders -----------------------------------------------------------------------
 
@@ -2026,6 +2447,8 @@ class RedisEngine(Engine):
                     continue
                 if reply[0] == "deleted":
                     self._unindex(pipe, t, sid, reply[2], folder_id, reply[3])
+                    if self._options.cluster:
+                        t.queue_tally(pipe, [(sid, "drop", _gone(reply[4], reply[5]))])
                 else:
                     _, _, created, owner, status = reply
                     pipe.zadd(t.in_folder(reassign_to), {sid: float(created)})
@@ -2102,6 +2525,13 @@ class RedisEngine(Engine):
         the entries hash if Redis dropped it first), and the by-expiry score of a session
         renewed since its entry was written moves up. ``dropped`` gets each session Redis
         dropped with the position of the reply that says whether this call cleared it."""
+        went = [
+            (sid, "drop", "" if reply[0] == "gone" else _gone(reply[4], reply[5]))
+            for sid, reply in zip(due, replies, strict=True)
+            if reply[0] != "live"
+        ]
+        if went and self._options.cluster:  # on one server the purge script counted them
+            t.queue_tally(pipe, went)
         for sid, reply, entry in zip(due, replies, entries, strict=True):
             if reply[0] == "deleted":
                 self._unindex(pipe, t, sid, reply[1], reply[2], reply[3])
@@ -2127,12 +2557,85 @@ class RedisEngine(Engine):
         )
         report = CheckReport()
         for name in names:
-            await self._check_entries(name, repair, report)
+            counted = await self._check_counted(name, repair, report)
+            await self._check_entries(name, repair, report, counted)
             await self._check_created(name, repair, report)
             await self._check_orphans(name, repair, report)
+            await self._check_tallies(name, repair, report)
+            await self._check_counters(name, repair, report)
         return report
 
-    async def _check_entries(self, tenant: str, repair: bool, report: CheckReport) -> None:
+    async def _check_counted(self, tenant: str, repair: bool, report: CheckReport) -> bool:
+        """Whether the tenant's counters count every session (not so for a tenant written
+        before they existed, until its first stats or this repair counts them all)."""
+        t = self._tenant(tenant)
+        marked, size = await self._run(
+            lambda pipe: [pipe.hexists(t.counters, "v"), pipe.zcard(t.created)]
+        )
+        if marked or not size:
+            return True
+        counted = repair and await self._count_all(tenant)
+        report.found("totals", f"{tenant}/(not counted yet)", counted)
+        return counted
+
+    async def _check_figures(
+        self, r: SessionRecord, tally: Tally, repair: bool, report: CheckReport
+    ) -> None:
+        """Whether the session's tally (what the counters count of it) holds its owner,
+        status and what its messages add up to; repair counts it again."""
+        count, input_tokens, output_tokens, cost, _, _ = tally
+        expected = (_member_key(r.owner), r.status, count, input_tokens, output_tokens)
+        tallies = self._tenant(r.tenant).tallies
+        for attempt in (1, 2):
+            stored = cast("str | None", await self._redis.hget(tallies, r.id))
+            if stored is not None:
+                _, _, owner, status, messages, tokens_in, tokens_out, counted = stored.split(_SEP)
+                found = (owner, status, int(messages), int(tokens_in), int(tokens_out))
+                # The two sums add the same costs, maybe in another order: a nano-unit apart.
+                if found == expected and abs(_nano(counted) - _nano(repr(cost))) <= 1:
+                    if attempt == 2:
+                        report.found("totals", f"{r.tenant}/{r.id}", True)
+                    return
+            if attempt == 2 or not repair:
+                break
+            await self._recount(r.tenant, [r.id])
+        report.found("totals", f"{r.tenant}/{r.id}")
+
+    async def _check_tallies(self, tenant: str, repair: bool, report: CheckReport) -> None:
+        """Tallies of sessions that are gone and that no index names (those it names are
+        dangling entries, which purge or repair clear with their tallies)."""
+        t = self._tenant(tenant)
+        cursor = 0
+        while True:
+            cursor, found = await self._redis.hscan(t.tallies, cursor, count=_BATCH)
+            ids = list(cast("dict[str, str]", found))
+            records = await self._load(tenant, ids)
+            gone = [sid for sid, r in zip(ids, records, strict=True) if r is None]
+            known = await self._run(functools.partial(_queue_indexed, t, gone))
+            for i, sid in enumerate(gone):
+                if not known[2 * i] and known[2 * i + 1] is None:
+                    if repair:
+                        await self._recount(tenant, [sid])
+                    report.found("totals", f"{tenant}/{sid}", repair)
+            if not cursor:
+                return
+
+    async def _check_counters(self, tenant: str, repair: bool, report: CheckReport) -> None:
+        """Counters that are not the sums of the tallies; repair sums them again (one script
+        on the tenant's node, which reads every tally)."""
+        t = self._tenant(tenant)
+        wrong = cast(
+            "list[str]",
+            await self._eval("check_counters", [t.tallies, t.counters], ["1" if repair else "0"]),
+        )
+        for group in sorted(wrong):
+            _, status, key = group.split(_SEP)
+            owner = "(no owner)" if key == "-" else key[1:]
+            report.found("totals", f"{tenant}/{owner}/{status}", repair)
+
+    async def _check_entries(
+        self, tenant: str, repair: bool, report: CheckReport, counted: bool
+    ) -> None:
         """Every session the entries hash names: dangling entries, aggregates, folders."""
         t = self._tenant(tenant)
         cursor = 0
@@ -2147,7 +2650,7 @@ class RedisEngine(Engine):
                     fixed = repair and await self._drop_dangling(tenant, sid, batch[sid])
                     report.found("dangling_index", subject, fixed)
                     continue
-                await self._check_session(record, repair, report)
+                await self._check_session(record, repair, report, counted)
             if not cursor:
                 return
 
@@ -2173,6 +2676,7 @@ class RedisEngine(Engine):
         t = self._tenant(tenant)
         owner, folder, status = (None, None, "") if entry is None else _from_entry(entry)
         await self._run(lambda pipe: self._unindex(pipe, t, session_id, owner, folder, status))
+        await self._recount(tenant, [session_id])  # counted no more, unless it came back
         [record] = await self._load(tenant, [session_id])
         if record is not None:
             await self._run(lambda pipe: _queue_adds(self._insert_adds(record, ""), pipe))
@@ -2196,7 +2700,9 @@ class RedisEngine(Engine):
             start += len(chunk)
         return count, input_tokens, output_tokens, cost, low, high
 
-    async def _check_session(self, r: SessionRecord, repair: bool, report: CheckReport) -> None:
+    async def _check_session(
+        self, r: SessionRecord, repair: bool, report: CheckReport, counted: bool
+    ) -> None:
         subject = f"{r.tenant}/{r.id}"
         meta, _, msgs = self._session_keys(r.tenant, r.id)
         # The pages are read apart: count again if a write moved the version meanwhile.
@@ -2230,6 +2736,8 @@ class RedisEngine(Engine):
             )
             report.found("aggregates", subject, fixed)
             r.version += fixed
+        if counted:
+            await self._check_figures(r, tally, repair, report)
         t = self._tenant(r.tenant)
         if r.folder is not None and not await self._redis.exists(t.folder(r.folder)):
             fixed = repair and bool(await self._redis.eval(_FIX_FOLDER, 1, meta, str(r.version)))
@@ -2353,7 +2861,7 @@ class RedisEngine(Engine):
     ) -> bool:
         r = record
         assert r.state is not None  # an exported session always has its state
-        keys = self._session_keys(r.tenant, r.id)
+        keys = self._counted_keys(r.tenant, r.id)
         try:
             await self._check_folder(r.tenant, r.folder, r.owner)
         except NotFound:
@@ -2380,8 +2888,8 @@ class RedisEngine(Engine):
         stored = await self._write("load", keys, args, adds)
         if stored == 0:
             return False
-        if stored != 1 and cluster:
-            await self._run(functools.partial(_queue_adds, self._insert_adds(r, "")))
+        if cluster:
+            await self._run(functools.partial(self._queue_stored, r, stored))
         return True
 
     # --- analytics -----------------------------------------------------------------------
