@@ -33,9 +33,13 @@ from sessionkeeper import (
     SessionStore,
     Settings,
     VersionConflict,
+    checks,
     open_store,
+    rules,
 )
+from sessionkeeper.engines.redis import RedisEngine, _Index
 from sessionkeeper.engines.urls import engine_from_url
+from sessionkeeper.models import SessionQuery, Stats
 from tests.contract.namespaces import drop_namespace
 
 pytestmark = pytest.mark.server
@@ -631,6 +635,137 @@ async def test_purge_leaves_the_indexes_exact(shared: tuple[str, str]) -> None:
             session_keys = [k for k in await _all_keys(client, prefix) if "{default/" in k]
             assert {k.split("/")[1].split("}")[0] for k in session_keys} == survivors
             assert await store.count_sessions() == len(survivors)
+    finally:
+        await client.aclose()
+
+
+# --- stats counters --------------------------------------------------------------------
+
+
+async def _calls(client: Redis) -> dict[str, int]:
+    """How many times the server ran each command so far (commands scripts ran included)."""
+    info = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in info.items()}
+
+
+async def _made(store: SessionStore, count: int) -> None:
+    """``count`` sessions of three owners, every fourth completed, every tenth with a TTL of
+    100 s, each with one message."""
+    for i in range(count):
+        session = await store.create_session(
+            owner=["ann", "bob", None][i % 3],
+            status="completed" if i % 4 == 0 else "active",
+            ttl=100 if i % 10 == 0 else None,
+        )
+        await store.append_message(
+            session.id, "user", "hi", input_tokens=i, output_tokens=1, cost=0.01 * i
+        )
+
+
+async def _assert_as_loaded(store: SessionStore, now: float, stats: Stats) -> None:
+    """``stats`` are what loading every session (as stats did before the counters) gives."""
+    engine = store.engine
+    assert isinstance(engine, RedisEngine)
+    index = _Index(engine._tenant(store.tenant).created, "created_at")
+    live = await engine._matching(store.tenant, index, SessionQuery(), now)
+    loaded = rules.stats_of(live, now - 86_400, 3)
+    costs = ("cost", "top_owners_by_cost")
+    assert stats.model_dump(exclude=set(costs)) == loaded.model_dump(exclude=set(costs))
+    assert stats.cost == pytest.approx(loaded.cost)
+    by_cost = [(o.owner, pytest.approx(o.cost)) for o in loaded.top_owners_by_cost]
+    assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == by_cost
+
+
+async def test_stats_read_the_counters_never_the_sessions(server: Server) -> None:
+    clock = FrozenClock()
+    client = Redis(port=server.port, decode_responses=True)
+    try:
+        async with _store(server.url(), clock) as store:
+            await _made(store, 200)
+            clock.advance(100)  # 20 sessions expire; nothing purges them
+            before = await _calls(client)
+            stats = await store.stats(top=3)
+            ran = {
+                name: calls - before.get(name, 0)
+                for name, calls in (await _calls(client)).items()
+                if calls != before.get(name, 0) and name != "info"
+            }
+            await _assert_as_loaded(store, clock.now(), stats)
+        assert stats.total == 180
+        # One script over the tenant's keys (the counters, then each expiry candidate's
+        # tally and by-updated score), and the meta of the 20 expired sessions, two fields
+        # each: nothing that grows with the 180 live sessions or their messages.
+        assert ran == {
+            "evalsha": 1,
+            "hexists": 1,
+            "hgetall": 1,
+            "zrangebyscore": 1,
+            "hget": 20,
+            "zscore": 20,
+            "zcount": 1,
+            "hmget": 20,
+        }
+    finally:
+        await client.aclose()
+
+
+async def test_a_tenant_written_before_the_counters_is_counted_once(
+    shared: tuple[str, str],
+) -> None:
+    url, prefix = shared
+    clock = FrozenClock()
+    client = Redis.from_url(SHARED, decode_responses=True)
+    counters = f"{prefix}{{default}}:counters"
+    try:
+        async with _store(url, clock) as store:
+            await _made(store, 30)
+            # As an older release left it: no counters, no tallies. A write before the first
+            # stats counts its session, and no other.
+            await client.delete(counters, f"{prefix}{{default}}:tallies")
+            first = (await store.list_sessions(limit=1)).items[0].id
+            await store.append_message(first, "user", "again", input_tokens=1)
+            clock.advance(100)
+            found = {c.kind: c.found for c in (await checks.check(store)).counts if c.found}
+            assert found == {"totals": 1}  # not counted yet
+            stats = await store.stats(top=3)
+            await _assert_as_loaded(store, clock.now(), stats)
+            assert await client.hget(counters, "v") == "1"
+            assert await store.stats(top=3) == stats
+            assert [c for c in (await checks.check(store)).counts if c.found] == []
+    finally:
+        await client.aclose()
+
+
+async def test_counts_from_other_nodes_apply_once_and_in_order(shared: tuple[str, str]) -> None:
+    # On Cluster a session's figures reach the tenant's node after its script: a late call
+    # (an older version) or a repeated one changes nothing, nor does a drop of an older copy.
+    url, prefix = shared
+    client = Redis.from_url(SHARED, decode_responses=True)
+    tag = f"{prefix}{{default}}"
+    keys = [f"{tag}:tallies", f"{tag}:counters", f"{tag}:by-created", f"{tag}:by-updated"]
+
+    def figures(version: int, messages: int, status: str = "active") -> str:
+        return "\x1f".join((str(version), "10.0", "=ann", status, str(messages), "3", "0", "0.5"))
+
+    try:
+        async with _store(url) as store:
+            engine = store.engine
+            assert isinstance(engine, RedisEngine)
+
+            async def tally(*args: str) -> dict[str, str]:
+                await engine._eval("tally", keys, list(args))
+                return dict(await client.hgetall(keys[1]))
+
+            group = "\x1factive\x1f=ann"
+            counted = {"v": "1", f"n{group}": "1", f"m{group}": "4", f"i{group}": "3"}
+            counted[f"c{group}"] = "500000000"
+            assert await tally("s", "set", figures(2, 4)) == counted
+            assert await tally("s", "set", figures(1, 1), "s", "set", figures(2, 4)) == counted
+            assert await tally("s", "drop", "10.0\x1f1") == counted
+            moved = await tally("s", "set", figures(3, 4, "archived"))
+            assert moved == {k.replace("active", "archived"): v for k, v in counted.items()}
+            assert await tally("s", "drop", "10.0\x1f3") == {}
+            assert await client.exists(*keys[:2]) == 0
     finally:
         await client.aclose()
 
