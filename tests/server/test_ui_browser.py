@@ -213,6 +213,20 @@ def test_admin_page_in_chromium(
     assert +shown["created"] == per_day(seeded.created)
     assert +shown["completed"] == per_day(seeded.completed)
 
+    # the analytics tab: the same activity as history per UTC day, then per month
+    page.click("#tab-analytics")
+    total = page.locator("#analytics-rows tr.total td")
+    expect(total.nth(1)).to_have_text(str(len(seeded.created)))
+    expect(page.locator("#analytics-rows tr")).to_have_count(31)  # 30 days and the total
+    assert [total.nth(i).inner_text() for i in (2, 3, 4)] == ["1", "109", "51"]
+    expect(page.locator("#analytics-owner-rows")).to_contain_text("carol")
+    expect(page.locator("#analytics-owner-rows")).not_to_contain_text("mallory")
+    page.select_option("#analytics-group", "month")
+    page.click("#analytics-form button[type=submit]")
+    expect(page.locator("#analytics-rows tr")).not_to_have_count(31)
+    expect(total.nth(1)).to_have_text(str(len(seeded.created)))
+    page.click("#tab-overview")
+
     expect(page.locator("#session-count")).to_have_text("(26)")
     expect(page.locator("#session-rows tr")).to_have_count(20)  # a page is 20
     expect(page.locator("#next-page")).to_be_enabled()

@@ -24,7 +24,7 @@
   let openId = null; // the session shown in the conversation panel
   let lastSeq = 0;
   let context = 0; // bumped by every sign-in, sign-out and tenant change
-  let view = "overview"; // the view shown: overview or operations
+  let view = "overview"; // the view shown: overview, analytics or operations
   let pending = null; // the dry run shown, as {action, body, at}: what its button applies
   const tickets = {}; // the latest request of each kind: older answers are dropped
 
@@ -660,6 +660,50 @@
     show(box, true);
   }
 
+  // --- analytics: history per day, week or month --------------------------------------
+
+  async function loadAnalytics() {
+    const current = ticket("analytics");
+    const found = await api("../v1/analytics", {
+      days: $("analytics-days").value,
+      group_by: $("analytics-group").value,
+      owner: $("analytics-owner").value.trim(),
+      top: 5,
+    });
+    if (!current()) return;
+    $("analytics-range").textContent = `${found.start} to ${found.end}` +
+      (found.owner === null ? "" : `, owner ${found.owner}`);
+    const point = (label, p) => el(
+      "tr",
+      {},
+      el("td", {}, label),
+      el("td", { class: "num" }, count(p.created)),
+      el("td", { class: "num" }, count(p.completed)),
+      el("td", { class: "num" }, count(p.messages)),
+      el("td", { class: "num" }, count(p.input_tokens + p.output_tokens)),
+      el("td", { class: "num" }, money(p.cost)),
+      el("td", { class: "num" }, p.avg_turns_per_session.toFixed(1)),
+    );
+    const total = point("total", found.totals);
+    total.className = "total";
+    $("analytics-rows").replaceChildren(
+      ...found.series.slice().reverse().map((p) => point(p.start, p)),
+      total,
+    );
+    $("analytics-owner-rows").replaceChildren(
+      ...found.owners.slice().reverse().map((o) => el(
+        "tr",
+        {},
+        el("td", {}, o.start),
+        el("td", {}, o.owner === null ? el("span", { class: "muted" }, "(no owner)") : o.owner),
+        el("td", { class: "num" }, count(o.messages)),
+        el("td", { class: "num" }, count(o.tokens)),
+        el("td", { class: "num" }, money(o.cost)),
+      )),
+    );
+    show($("analytics-no-owners"), !found.owners.length);
+  }
+
   // --- wiring -------------------------------------------------------------------------
 
   function showView(name, load) {
@@ -672,7 +716,9 @@
     }
     if (!load) return;
     show($("error"), false);
-    const loading = name === "operations" ? loadDoctor().catch(opsFailed) : reload(false);
+    const loading = name === "operations"
+      ? loadDoctor().catch(opsFailed)
+      : name === "analytics" ? loadAnalytics() : reload(false);
     loading.catch(failed);
   }
 
@@ -691,6 +737,7 @@
       loadSessions(true),
       opened ? openSession(opened) : null,
       view === "operations" ? loadDoctor().catch(opsFailed) : null,
+      view === "analytics" ? loadAnalytics() : null,
     ]);
   }
 
@@ -745,6 +792,11 @@
         busy(event.submitter || $(form).querySelector("button"), work);
       });
     };
+    $("analytics-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      show($("error"), false);
+      loadAnalytics().catch(failed);
+    });
     submit("check-form", runCheck);
     submit("lifecycle-form", dryRun);
     submit("restore-form", restoreSession);
