@@ -1109,6 +1109,8 @@ class PostgresEngine(Engine):
                 # on its values (an index per query shape): plan it once, not per call,
                 # which cost more than running it.
                 "plan_cache_mode": "force_generic_plan",
+                # Short statements only: compiling one (over 100 ms) never pays back.
+                "jit": "off",
             },
         )
         try:
@@ -1616,8 +1618,16 @@ class PostgresEngine(Engine):
         return count
 
     async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
-        # One statement, so every figure comes from one snapshot.
-        [row] = await self._fetch(self._sql["stats"], tenant, now, since, top)
+        # One statement, so every figure comes from one snapshot. Unlike the others, its
+        # best plan depends on its values (how many sessions changed since `since`, how
+        # many expired): a generic plan guesses a third of the table for each range, walks
+        # every activity row and, costed that high, gets JIT-compiled on every call.
+        async def job(conn: Connection) -> asyncpg.Record:
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            [found] = await conn.fetch(self._sql["stats"], tenant, now, since, top)
+            return found
+
+        row = await self._transact(job)
         total, active, completed, archived, recent, messages, tokens_in, tokens_out, cost = row[:9]
         owners, counts = row[9] or [], row[10] or []
         costly, costs = row[11] or [], row[12] or []
