@@ -2,11 +2,14 @@
 and PostgreSQL, beside the raw driver aggregating every session row.
 
 For each ``--sessions`` count and engine, a fresh database gets that many sessions in bulk
-SQL (the engines' triggers keep their totals as for any write): created over the last
-``--history`` days, owners ``o0`` .. ``o<--owners - 1>`` (every 50th session has none),
-three statuses, 0 to 19 messages with tokens and cost, every 100th expired and not purged
-yet. The daily analytics counters get what the store would have counted for them (one
-row per day and owner with activity). Then, each timed ``--repeat`` times (best kept):
+SQL (the engines' triggers keep their totals as for any write), as a service running at a
+steady ``--per-day`` sessions a day would have written them: more sessions means a longer
+history, not a busier day (10,000 sessions are 5 days of it, 1,000,000 are 500). Owners
+``o0`` .. ``o<--owners - 1>`` (every 50th session has none), three statuses, 0 to 19
+messages with tokens and cost; ``--expired`` sessions expired and not purged yet (what the
+sweeper leaves between two passes). The daily analytics counters get what the store would
+have counted for them (one row per day and owner with activity). Then, each timed
+``--repeat`` times (best kept):
 
 - ``stats``: ``store.stats(top=10)``, the live totals now;
 - ``analytics 30d``: ``store.analytics(days=30)``, per day with owners by cost;
@@ -57,15 +60,16 @@ _COLUMNS = (
 )
 
 
-def _row(sessions: int, owners: int, history: int) -> str:
-    """Session ``i`` of the bulk insert as SQL over a series ``i``."""
-    spacing = history * DAY / sessions
+def _row(sessions: int, args: argparse.Namespace) -> str:
+    """Session ``i`` of the bulk insert as SQL over a series ``i`` (0 is the newest)."""
+    spacing = DAY / args.per_day
+    every = max(1, sessions // max(1, args.expired))
     return (
         "'default', 's' || i, "
-        f"CASE WHEN i % 50 = 0 THEN NULL ELSE 'o' || (i % {owners}) END, NULL, 't', "
+        f"CASE WHEN i % 50 = 0 THEN NULL ELSE 'o' || (i % {args.owners}) END, NULL, 't', "
         "CASE i % 3 WHEN 0 THEN 'active' WHEN 1 THEN 'completed' ELSE 'archived' END, "
         f"NULL, '{{}}', 1, {NOW} - i * {spacing}, {NOW} - i * {spacing} + 600, "
-        f"CASE i % 100 WHEN 7 THEN {NOW} - 5 ELSE NULL END, NULL, NULL, "
+        f"CASE WHEN i % {every} = 7 THEN {NOW} - 5 ELSE NULL END, NULL, NULL, "
         "i % 20, i % 20, (i % 20) * 40, (i % 20) * 90, (i % 20) * 0.0025"
     )
 
@@ -130,7 +134,7 @@ async def _sqlite(sessions: int, args: argparse.Namespace, folder: Path) -> dict
         conn.execute(
             f"WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n "
             f"WHERE i < {sessions - 1}) INSERT INTO sessions ({_COLUMNS}) "
-            f"SELECT {_row(sessions, args.owners, args.history)} FROM n"
+            f"SELECT {_row(sessions, args)} FROM n"
         )
         conn.execute("INSERT INTO states SELECT pk, '{}' FROM sessions")
         conn.execute(_DAILY.format(table="daily", sessions="sessions"))
@@ -163,7 +167,7 @@ async def _postgres(sessions: int, args: argparse.Namespace) -> dict[str, Any]:
         async with open_store(url):
             pass  # the schema
         started = time.perf_counter()
-        row = _row(sessions, args.owners, args.history).replace("'{}'", "'{}'::jsonb")
+        row = _row(sessions, args).replace("'{}'", "'{}'::jsonb")
         async with conn.transaction():
             await conn.execute(
                 f"INSERT INTO {s}.sessions ({_COLUMNS}) SELECT {row} "
@@ -217,7 +221,8 @@ async def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--engines", default="sqlite,postgresql")
     parser.add_argument("--owners", type=int, default=200)
-    parser.add_argument("--history", type=int, default=365, help="days the sessions span")
+    parser.add_argument("--per-day", type=int, default=2_000, help="sessions created a day")
+    parser.add_argument("--expired", type=int, default=200, help="expired, not purged yet")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
     parser.add_argument("--json", action="store_true")

@@ -166,8 +166,10 @@ def summarize(
     top: int,
     owner: str | None = None,
 ) -> Analytics:
-    """Sum daily counters of days ``first`` to ``last`` (included) per period: every
-    period of the range gets a point, with zeros where nothing happened."""
+    """Sum the counters of days ``first`` to ``last`` (included) per period: every
+    period of the range gets a point, with zeros where nothing happened. ``rows`` are per
+    day, or per period dated by its first day (from engines that sum in storage; the
+    engine's range already left out the days outside)."""
     periods: list[tuple[int, int]] = []
     start = first
     while start <= last:
@@ -175,6 +177,9 @@ def summarize(
         periods.append((start, min(following - 1, last)))
         start = following
     index = {day: i for i, (a, b) in enumerate(periods) for day in range(a, b + 1)}
+    # rows an engine summed per period are dated by its first day, before the range's
+    # first day for a clipped first period
+    index[_period_start(first, grouping)] = 0
     sums = [DailyRecord(a, None) for a, _ in periods]
     by_owner: list[dict[str | None, DailyRecord]] = [{} for _ in periods]
     total = DailyRecord(first, None)

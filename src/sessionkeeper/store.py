@@ -1132,7 +1132,7 @@ class SessionStore:
         first = last - span + 1
         await self._ledger.flush()
         rows = await self.engine.read_daily(
-            self.tenant, first, last, who, not isinstance(owner, Unset)
+            self.tenant, first, last, who, not isinstance(owner, Unset), group_by
         )
         return summarize(rows, first, last, group_by, ranked, who)
 

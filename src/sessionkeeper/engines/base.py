@@ -376,10 +376,20 @@ class Engine(ABC):
 
     @abstractmethod
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
         """The stored counters of days ``first`` to ``last`` (included), of ``owner``
-        only if ``owner_set``, in any order. Costs the rows read, never the sessions."""
+        only if ``owner_set``, in any order. Costs the rows read, never the sessions.
+
+        Rows are per day, or, where the engine sums in storage, per ``group_by`` period
+        ("week": ISO weeks from Monday; "month") and owner, dated by the period's first
+        day (``analytics.summarize`` takes both)."""
 
     @abstractmethod
     async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:

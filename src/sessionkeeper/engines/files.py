@@ -2289,7 +2289,13 @@ class FilesEngine(Engine):
         await self._call(self._d_add, tenant, rows)
 
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
         found = await self._call(self._d_read, tenant)
         return [

@@ -504,7 +504,13 @@ class MemoryEngine(Engine):
                     setattr(found, name, getattr(found, name) + getattr(row, name))
 
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
         with self._lock:
             return [

@@ -454,9 +454,18 @@ _STATEMENTS: dict[str, str] = {
         "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
         + ", ".join(f"{name} = daily.{name} + excluded.{name}" for name in DAILY_COUNTERS)
     ),
+    # summed per period here ($5: 'day', 'week' or 'month'): a year by month is 12 rows
+    # an owner, not 365
     "read_daily": (
-        f"SELECT day, owner_key, {_DAILY_COLUMNS} FROM {{s}}.daily "
-        "WHERE tenant = $1 AND day BETWEEN $2 AND $3 AND ($4::text IS NULL OR owner_key = $4)"
+        "SELECT CASE $5::text WHEN 'day' THEN day ELSE "
+        "date_trunc($5::text, DATE '1970-01-01' + day)::date - DATE '1970-01-01' END AS p, "
+        "owner_key, "
+        + ", ".join(
+            f"sum({name})::{'float8' if name == 'cost' else 'bigint'}" for name in DAILY_COUNTERS
+        )
+        + " FROM {s}.daily "
+        "WHERE tenant = $1 AND day BETWEEN $2 AND $3 AND ($4::text IS NULL OR owner_key = $4) "
+        "GROUP BY p, owner_key"
     ),
     "session_owners": (
         "SELECT id, owner FROM {s}.sessions WHERE tenant = $1 AND id = ANY($2::text[])"
@@ -1822,10 +1831,17 @@ class PostgresEngine(Engine):
         await self._run(job)
 
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
         key = (owner or "") if owner_set else None
-        rows = await self._fetch(self._sql["read_daily"], tenant, first, last, key)
+        period = group_by if group_by in ("week", "month") else "day"
+        rows = await self._fetch(self._sql["read_daily"], tenant, first, last, key, period)
         return [DailyRecord(day, who or None, *counters) for day, who, *counters in rows]
 
     async def session_owners(self, tenant: str, session_ids: list[str]) -> dict[str, str | None]:

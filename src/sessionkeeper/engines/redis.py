@@ -2914,7 +2914,13 @@ class RedisEngine(Engine):
 
     @_hook
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
         months = list(dict.fromkeys(self._daily_key(tenant, day) for day in range(first, last + 1)))
         hashes: list[dict[str, str]] = await self._run(

@@ -237,6 +237,11 @@ EXPECTED_TRIGGERS = tuple(
 )
 _CHECK_BATCH = 500
 _DAILY_COLUMNS = ", ".join(DAILY_COUNTERS)
+# The first day of a day's ISO week (day 0, 1970-01-01, was a Thursday) and month.
+_PERIOD_START = {
+    "week": "day - (day + 3) % 7",
+    "month": "CAST(julianday(day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER)",
+}
 _ADD_DAILY = (
     f"INSERT INTO daily (tenant, day, owner_key, {_DAILY_COLUMNS}) "
     f"VALUES (?, ?, ?, {', '.join('?' * len(DAILY_COUNTERS))}) "
@@ -910,14 +915,24 @@ class SQLiteEngine(Engine):
         await self._write(run)
 
     async def read_daily(
-        self, tenant: str, first: int, last: int, owner: str | None, owner_set: bool
+        self,
+        tenant: str,
+        first: int,
+        last: int,
+        owner: str | None,
+        owner_set: bool,
+        group_by: str = "day",
     ) -> list[DailyRecord]:
-        sql = f"SELECT day, owner_key, {_DAILY_COLUMNS} FROM daily "
+        # summed per period here: a year by month is 12 rows an owner, not 365
+        period = _PERIOD_START.get(group_by, "day")
+        sums = ", ".join(f"sum({name})" for name in DAILY_COUNTERS)
+        sql = f"SELECT {period} AS p, owner_key, {sums} FROM daily "
         sql += "WHERE tenant = ? AND day BETWEEN ? AND ?"
         params: list[Any] = [tenant, first, last]
         if owner_set:
             sql += " AND owner_key = ?"
             params.append(owner or "")
+        sql += " GROUP BY p, owner_key"
 
         def run(conn: sqlite3.Connection) -> list[DailyRecord]:
             return [
