@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -108,7 +107,7 @@ async def create_key(
         raise InvalidInput("name", f"must be at most {_MAX_NAME} printable characters")
     key_id = secrets.token_hex(8)
     token = f"sk_{key_id}_{secrets.token_urlsafe(32)}"
-    now = time.time()
+    now = store.clock.now()
     record = {
         "tenant": checked_tenant,
         "role": role,
@@ -130,7 +129,7 @@ async def create_key(
 async def list_keys(store: SessionStore, *, tenant: str | None = None) -> list[ApiKey]:
     """Every key (of ``tenant``, if given), revoked ones too, oldest first."""
     wanted = None if tenant is None else rules.check_id(tenant, "tenant")
-    guards = await store.engine.list_guards(SERVER_TENANT, _KEY, time.time())
+    guards = await store.engine.list_guards(SERVER_TENANT, _KEY, store.clock.now())
     keys = [_key_of(g.key.removeprefix(_KEY), g.value) for g in guards]
     keys = [k for k in keys if wanted is None or k.tenant == wanted]
     return sorted(keys, key=lambda k: (k.created_at, k.id))
@@ -141,7 +140,7 @@ async def revoke_key(store: SessionStore, key_id: str) -> ApiKey:
     twice keeps the first time. Raises NotFound."""
     if not isinstance(key_id, str) or re.fullmatch(r"[0-9a-f]{16}", key_id) is None:
         raise InvalidInput("key_id", "must be the 16 hex digits after sk_ in the token")
-    now = time.time()
+    now = store.clock.now()
 
     def revoke(value: str | None) -> tuple[str | None, None, str | None]:
         if value is None:
@@ -165,7 +164,7 @@ async def authenticate(store: SessionStore, token: str) -> ApiKey | None:
     if match is None:
         return None
     key_id = match.group(1)
-    value = await store.engine.get_guard(SERVER_TENANT, _KEY + key_id, time.time())
+    value = await store.engine.get_guard(SERVER_TENANT, _KEY + key_id, store.clock.now())
     if value is None:
         return None
     record = orjson.loads(value)
@@ -178,7 +177,7 @@ async def bootstrap_admin(store: SessionStore, *, tenant: str | None = None) -> 
     """On a new store (no key was ever made), make an admin key for ``tenant`` (default:
     the store's) and return its token; else None. Only one caller ever gets a token, also
     when several servers start at once on a new store."""
-    now = time.time()
+    now = store.clock.now()
 
     def claim(value: str | None) -> tuple[str, None, bool]:
         return (value or orjson.dumps({"at": now}).decode()), None, value is None

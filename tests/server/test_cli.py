@@ -122,7 +122,8 @@ def test_scripts_try_serves_sqlite_in_the_current_folder(tmp_path: Path) -> None
 def test_the_readme_curl_walkthrough_runs(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The HTTP service", 1)[1].split("\n## ", 1)[0]
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in b]
+    # the walkthrough, then the operations' examples, which use its variables
+    block = "".join(b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in b)
     url = f"sqlite:///{tmp_path / 'readme.db'}"
     with Served(url) as served:
         pass  # the first start makes the admin key
@@ -138,6 +139,7 @@ def test_the_readme_curl_walkthrough_runs(tmp_path: Path) -> None:
             timeout=60,
         )
     assert result.returncode == 0, result.stderr
+    assert "urn:sessionkeeper:problem" not in result.stdout, result.stdout  # no call failed
     out = result.stdout
     assert "urn:sessionkeeper:problem" not in out, out
     for expected in ('"title":"Trip to Lisbon"', '"seq":1', '"budget":400', '"total":1'):

@@ -107,6 +107,7 @@ ROUTES: dict[tuple[str, str], Case] = {
         "DELETE", f"/v1/folders/{d.folder}", other=404
     ),
     ("GET", "/v1/stats"): lambda d: Call("GET", "/v1/stats"),
+    ("GET", "/v1/analytics"): lambda d: Call("GET", "/v1/analytics"),
     ("POST", "/v1/rate-limits/hit"): lambda d: Call(
         "POST",
         "/v1/rate-limits/hit",
@@ -134,6 +135,25 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/admin/tenants"): lambda d: Call("GET", "/v1/admin/tenants", admin=True, other=403),
     ("POST", "/v1/admin/purge"): lambda d: Call("POST", "/v1/admin/purge", admin=True, other=403),
     ("GET", "/v1/admin/export"): lambda d: Call("GET", "/v1/admin/export", admin=True, other=403),
+    ("POST", "/v1/admin/check"): lambda d: Call("POST", "/v1/admin/check", admin=True, other=403),
+    ("GET", "/v1/admin/doctor"): lambda d: Call("GET", "/v1/admin/doctor", admin=True, other=403),
+    ("POST", "/v1/admin/archive"): lambda d: Call(
+        "POST", "/v1/admin/archive", {"older_than": "90d", "dry_run": True}, admin=True, other=403
+    ),
+    ("POST", "/v1/admin/restore"): lambda d: Call(
+        "POST",
+        "/v1/admin/restore",
+        {"session_id": d.session, "dry_run": True},
+        admin=True,
+        other=403,
+    ),
+    ("POST", "/v1/admin/purge-sessions"): lambda d: Call(
+        "POST",
+        "/v1/admin/purge-sessions",
+        {"older_than": "365d", "dry_run": True},
+        admin=True,
+        other=403,
+    ),
     ("GET", "/v1/admin/webhooks/deliveries"): lambda d: Call(
         "GET", "/v1/admin/webhooks/deliveries", admin=True, other=403
     ),
