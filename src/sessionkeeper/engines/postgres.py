@@ -123,7 +123,8 @@ _IDLE_IN_TRANSACTION = 5  # server_timeouts a transaction may wait for its clien
 # What one statement on sessions adds to each key and shard of the totals: the rows it
 # inserted count in, those it deleted count out, and a row it updated counts out as it was
 # and in as it is, when a counted column or the key moved. One upsert per key and shard,
-# in key order; then the rows that lost their last session go.
+# in key order; then the rows that lost their last session go. Part of migration 5 (the
+# function it creates): a change here is a new migration, never an edit of these strings.
 _TOTALS_DELTA = (
     "SELECT {side}tenant, coalesce({side}owner, '') AS owner_key, {side}status, "
     "{side}pk % 8 AS shard, {sign}1 AS sessions, {sign}{side}message_count AS messages, "
