@@ -299,3 +299,25 @@ async def test_without_budgets_appends_count_nothing(store: SessionStore) -> Non
     usage = await store.budget_usage(owner="fay")
     assert usage.input_tokens == 0
     assert usage.token_limit is None
+
+
+async def test_guards_are_listed_by_prefix_exactly(store: SessionStore, clock: FrozenClock) -> None:
+    engine, now = store.engine, clock.now()
+
+    def put(value: str | None) -> tuple[str | None, float | None, None]:
+        return '"x"', now + 60, None
+
+    keys = ["p", "p:a", "p:b", "p;", "p:\u00e9", "q:a", "o\U0010ffff"]
+    for key in keys:
+        await engine.update_guard(store.tenant, key, put, now)
+    await engine.update_guard("acme", "p:other-tenant", put, now)
+
+    async def listed(prefix: str) -> list[str]:
+        return [g.key for g in await engine.list_guards(store.tenant, prefix, now)]
+
+    assert await listed("p:") == ["p:a", "p:b", "p:\u00e9"]
+    assert await listed("p") == ["p", "p:a", "p:b", "p:\u00e9", "p;"]
+    assert await listed("o\U0010ffff") == ["o\U0010ffff"]
+    assert sorted(await listed("")) == sorted(keys)
+    clock.advance(61)
+    assert await engine.list_guards(store.tenant, "p", clock.now()) == []

@@ -1045,14 +1045,19 @@ class SQLiteEngine(Engine):
         return await self._read(run)
 
     async def list_guards(self, tenant: str, prefix: str, now: float) -> list[GuardRecord]:
+        # The keys with the prefix are one range of the primary key: from the prefix up to
+        # the prefix with its last character's successor (text compares as UTF-8 bytes, in
+        # code point order), so a poll of one prefix never reads the others' rows.
+        sql = "SELECT key, value, expires_at FROM guards WHERE tenant = ? AND key >= ? "
+        params: list[Any] = [tenant, prefix]
+        if prefix and prefix[-1] < "\U0010ffff":
+            sql += "AND key < ? "
+            params.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        sql += "AND substr(key, 1, ?) = ? AND (expires_at IS NULL OR expires_at > ?) ORDER BY key"
+        params += [len(prefix), prefix, now]
+
         def run(conn: sqlite3.Connection) -> list[GuardRecord]:
-            rows = conn.execute(
-                "SELECT key, value, expires_at FROM guards WHERE tenant = ? "
-                "AND substr(key, 1, ?) = ? AND (expires_at IS NULL OR expires_at > ?) "
-                "ORDER BY key",
-                (tenant, len(prefix), prefix, now),
-            )
-            return [GuardRecord(*row) for row in rows]
+            return [GuardRecord(*row) for row in conn.execute(sql, params)]
 
         return await self._read(run)
 
