@@ -1096,6 +1096,13 @@ class SessionStore:
         now = self._now()
         return await self.engine.stats(self.tenant, now, now - _DAY, _int(top, "top", 0, 100))
 
+    async def flush_analytics(self) -> None:
+        """Write the figures this store (and its tenant views) counted and has not written
+        yet; ``analytics`` and ``close`` do it too. Raises BackendUnavailable if the
+        engine is down, keeping them for the next try."""
+        if self._ledger is not None:
+            await self._ledger.flush()
+
     async def analytics(
         self,
         *,

@@ -410,6 +410,12 @@ class SyncSessionStore:
         token and cost sums, and the ``top`` owners by session count."""
         return self._portal.call(self._store.stats(top=top))
 
+    def flush_analytics(self) -> None:
+        """Write the figures this store (and its tenant views) counted and has not written yet;
+        ``analytics`` and ``close`` do it too. Raises BackendUnavailable if the engine
+        is down, keeping them for the next try."""
+        return self._portal.call(self._store.flush_analytics())
+
     def analytics(
         self,
         *,

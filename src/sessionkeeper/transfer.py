@@ -38,6 +38,7 @@ from typing import IO, Any, Generic, Literal, TypeVar, cast
 
 import orjson
 
+from .analytics import day_of
 from .errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, SessionKeeperError
 from .models import FolderRecord, MessageRecord, SessionRecord
 from .store import SessionStore
@@ -67,6 +68,7 @@ FORMAT = "sessionkeeper-export"
 FORMAT_VERSION = 1
 EXPORT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 DEFAULT_CONCURRENCY = 8
+_DAILY_SPAN = 7_305  # days of analytics counters a migration copies: twenty years
 
 OnConflict = Literal["skip", "overwrite", "fail"]
 #: Called with (done, total) as work moves: sessions for export, migrate and verify,
@@ -805,6 +807,7 @@ class MigrateReport:
     folders_replaced: int = 0
     folders_unchanged: int = 0
     folders_failed: int = 0
+    daily_rows: int = 0  # analytics counters, one per tenant, day and owner, copied
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     verify: VerifyReport | None = None
@@ -844,7 +847,8 @@ async def migrate(
     """Copy every tenant's folders and live sessions from ``source`` to ``destination``.
 
     Ids, versions, timestamps, absolute expiry (so the remaining TTL), folders and
-    messages (seqs kept) are kept; expired sessions are not copied; the source is only
+    messages (seqs kept) are kept; expired sessions are not copied; the analytics
+    counters of the last twenty years come along (set, not added); the source is only
     read. Safe to run again, also after a crash: a session the destination already holds
     unchanged is left alone, one that differs (changed in the source since) is replaced
     by the source's copy, and nothing is ever duplicated. Sessions the destination has
@@ -859,6 +863,8 @@ async def migrate(
     total = await _total(tenants)
     done = 0
     tell(0, total)
+    await source.flush_analytics()  # what this process counted is copied too
+    today = day_of(source.clock.now())
 
     def count(result: tuple[str, int, str]) -> None:
         nonlocal done
@@ -896,6 +902,12 @@ async def migrate(
                 count(result)
         finally:
             await window.cancel()
+        rows = await source.engine.read_daily(
+            tenant.tenant, today - _DAILY_SPAN, today + 1, None, False
+        )
+        if rows and not dry_run:
+            await target.engine.add_daily(target.tenant, rows, replace=True)
+        report.daily_rows += len(rows)
     report.seconds = time.perf_counter() - started
     if verify_after and not dry_run:
         report.verify = await verify(

@@ -117,6 +117,29 @@ async def test_a_second_migration_changes_nothing_and_picks_up_source_changes(
         assert (checked.matched, checked.extra, checked.ok) == (5, 1, False)  # same-b stays
 
 
+async def test_migrate_copies_the_analytics_counters_once(
+    url_factory: Callable[[], str], clock: FrozenClock
+) -> None:
+    async with opened(url_factory(), clock) as source, opened(url_factory(), clock) as target:
+        await populate(source, clock)
+        await source.delete_session("same-b")  # its creation stays in the history
+        before = await source.analytics(days=2)
+        acme = await source.for_tenant("acme").analytics(days=2)
+        await target.create_session(session_id="target-own")  # counted in the target
+        await target.flush_analytics()
+        dry = await migrate(source, target, dry_run=True)
+        assert dry.daily_rows > 0
+        assert (await target.analytics(days=2)).totals.created == 1
+        first = await migrate(source, target)
+        again = await migrate(source, target)  # set, not added: the same figures
+        assert first.daily_rows == again.daily_rows == dry.daily_rows
+        after = await target.analytics(days=2)
+        assert after.series == before.series  # the target's own day row was replaced
+        assert await target.for_tenant("acme").analytics(days=2) == acme
+        assert before.totals.created == 6  # the short-lived and the deleted ones too
+        assert (before.totals.messages, before.totals.cost) == (5, 0.000523)
+
+
 # --- every engine in one chain ----------------------------------------------------------
 
 

@@ -372,10 +372,11 @@ class Engine(ABC):
     # --- analytics: daily counters -----------------------------------------------------
 
     @abstractmethod
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         """Add each row's counters to the stored counters of its (day, owner), creating
         them at zero first, atomically: concurrent adds, from any process, all count.
-        ``rows`` come sorted by (day, owner), so writers take row locks in one order."""
+        ``rows`` come sorted by (day, owner), so writers take row locks in one order.
+        ``replace``: set the counters to the rows' instead (a migration copying them)."""
 
     @abstractmethod
     async def read_daily(

@@ -1795,12 +1795,14 @@ class FilesEngine(Engine):
             log.warning("files: moved damaged daily counters to %s (%s)", target, exc)
             return []
 
-    def _d_add(self, tenant: str, rows: list[DailyRecord]) -> None:
+    def _d_add(self, tenant: str, rows: list[DailyRecord], replace: bool) -> None:
         path = self._daily_path(tenant, create=True)
         assert path is not None
         with self._daily_lock(tenant, True):
             stored = {(r.day, r.owner): r for r in self._read_daily(tenant, path)}
             for row in rows:
+                if replace:
+                    stored.pop((row.day, row.owner), None)
                 found = stored.setdefault((row.day, row.owner), DailyRecord(row.day, row.owner))
                 for name in DAILY_COUNTERS:
                     setattr(found, name, getattr(found, name) + getattr(row, name))
@@ -2285,8 +2287,8 @@ class FilesEngine(Engine):
     async def load_folder(self, record: FolderRecord, replace: bool) -> bool:
         return await self._call(self._f_put, record, replace)
 
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
-        await self._call(self._d_add, tenant, rows)
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
+        await self._call(self._d_add, tenant, rows, replace)
 
     async def read_daily(
         self,

@@ -493,12 +493,12 @@ class MemoryEngine(Engine):
 
     # --- analytics ---------------------------------------------------------------------
 
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         with self._lock:
             daily = self._tenant(tenant).daily
             for row in rows:
                 found = daily.get((row.day, row.owner))
-                if found is None:
+                if found is None or replace:
                     found = daily[row.day, row.owner] = DailyRecord(row.day, row.owner)
                 for name in DAILY_COUNTERS:
                     setattr(found, name, getattr(found, name) + getattr(row, name))

@@ -455,6 +455,14 @@ _STATEMENTS: dict[str, str] = {
         "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
         + ", ".join(f"{name} = daily.{name} + excluded.{name}" for name in DAILY_COUNTERS)
     ),
+    "set_daily": (
+        f"INSERT INTO {{s}}.daily (tenant, day, owner_key, {_DAILY_COLUMNS}) "
+        f"SELECT $1::text, u.* FROM unnest($2::integer[], $3::text[], $4::bigint[], "
+        "$5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], "
+        "$10::float8[]) AS u ORDER BY 2, 3 "
+        "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
+        + ", ".join(f"{name} = excluded.{name}" for name in DAILY_COUNTERS)
+    ),
     # summed per period here ($5: 'day', 'week' or 'month'): a year by month is 12 rows
     # an owner, not 365
     "read_daily": (
@@ -1821,13 +1829,14 @@ class PostgresEngine(Engine):
 
     # --- analytics ---------------------------------------------------------------------
 
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         columns = [[getattr(r, name) for r in rows] for name in DAILY_COUNTERS]
         days = [r.day for r in rows]
         owners = [r.owner or "" for r in rows]
 
         async def job(conn: Connection) -> None:
-            await conn.execute(self._sql["add_daily"], tenant, days, owners, *columns)
+            sql = self._sql["set_daily" if replace else "add_daily"]
+            await conn.execute(sql, tenant, days, owners, *columns)
 
         await self._run(job)
 

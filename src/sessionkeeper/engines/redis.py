@@ -1015,12 +1015,16 @@ assert _SESSION_KEYS in _SESSION
 assert _SESSION_NOW in _SESSION
 _COUNTED = _SESSION + _LUA_TALLY + _LUA_RECOUNT  # a session script that counts the session
 # Analytics: add to a tenant's daily counters, one hash per month under the tenant's tag
-# (so one script on one node), fields "<day>\x1f<counter>\x1f<owner>". ARGV holds
-# (key number, field, increment) triples; the cost is a float, the other counters integers.
+# (so one script on one node), fields "<day>\x1f<counter>\x1f<owner>". ARGV holds 'add'
+# or 'set', then (key number, field, value) triples; the cost is a float, the other
+# counters integers.
 _ADD_DAILY = """
-for i = 1, #ARGV, 3 do
+local set = ARGV[1] == 'set'
+for i = 2, #ARGV, 3 do
     local key, field, by = KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2]
-    if string.find(field, '\\031cost\\031', 1, true) then
+    if set then
+        redis.call('HSET', key, field, by)
+    elseif string.find(field, '\\031cost\\031', 1, true) then
         redis.call('HINCRBYFLOAT', key, field, by)
     else
         redis.call('HINCRBY', key, field, by)
@@ -2899,17 +2903,17 @@ class RedisEngine(Engine):
         return f"{self._tenant(tenant).tag}:daily:{month.year:04d}{month.month:02d}"
 
     @_hook
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         keys: dict[str, int] = {}
-        args: list[str] = []
+        args: list[str] = ["set" if replace else "add"]
         for row in rows:
             number = keys.setdefault(self._daily_key(tenant, row.day), len(keys) + 1)
             owner = row.owner or ""
             for name in DAILY_COUNTERS:
                 value = getattr(row, name)
-                if value:
+                if value or replace:
                     args += [str(number), _SEP.join((str(row.day), name, owner)), repr(value)]
-        if args:
+        if len(args) > 1:
             await self._eval("add_daily", list(keys), args)
 
     @_hook

@@ -248,6 +248,11 @@ _ADD_DAILY = (
     "ON CONFLICT (tenant, day, owner_key) DO UPDATE SET "
     + ", ".join(f"{name} = {name} + excluded.{name}" for name in DAILY_COUNTERS)
 )
+_SET_DAILY = (
+    _ADD_DAILY.split(" DO UPDATE SET ")[0]
+    + " DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in DAILY_COUNTERS)
+)
 _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
 _RECORD = (
@@ -903,14 +908,14 @@ class SQLiteEngine(Engine):
 
     # --- analytics ---------------------------------------------------------------------
 
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         params = [
             (tenant, r.day, r.owner or "", *(getattr(r, name) for name in DAILY_COUNTERS))
             for r in rows
         ]
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.executemany(_ADD_DAILY, params)
+            conn.executemany(_SET_DAILY if replace else _ADD_DAILY, params)
 
         await self._write(run)
 
