@@ -8,6 +8,9 @@ expired and not purged yet, beside another tenant's.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import random
 import re
 import secrets
 import sqlite3
@@ -18,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sessionkeeper import FrozenClock, Stats, open_store
+from sessionkeeper import FrozenClock, NotFound, SessionStore, Stats, checks, open_store
 from sessionkeeper.engines import postgres
 from sessionkeeper.engines.sqlite import STATS_SQL
 from tests.contract.namespaces import drop_namespace
@@ -46,19 +49,20 @@ _ROW = (
 )
 
 
-def expected_sql(table: str, tenant: str, live: str) -> list[str]:
+def expected_sql(table: str, tenant: str, now: float, top: int = TOP) -> list[str]:
     """The figures straight from the sessions (every row read), as stats compute them."""
-    where = f"tenant = '{tenant}' AND {live}"
+    where = f"tenant = '{tenant}' AND (expires_at IS NULL OR expires_at > {now})"
     return [
-        f"SELECT count(*), sum(CASE WHEN status = 'active' THEN 1 ELSE 0 END), "
-        "sum(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), "
-        "sum(CASE WHEN status = 'archived' THEN 1 ELSE 0 END), "
-        f"sum(CASE WHEN updated_at >= {NOW - DAY} THEN 1 ELSE 0 END), sum(message_count), "
-        f"sum(input_tokens), sum(output_tokens), sum(cost) FROM {table} WHERE {where}",
+        "SELECT count(*), coalesce(sum(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN status = 'archived' THEN 1 ELSE 0 END), 0), "
+        f"coalesce(sum(CASE WHEN updated_at >= {now - DAY} THEN 1 ELSE 0 END), 0), "
+        "coalesce(sum(message_count), 0), coalesce(sum(input_tokens), 0), "
+        f"coalesce(sum(output_tokens), 0), coalesce(sum(cost), 0) FROM {table} WHERE {where}",
         f"SELECT owner, count(*) AS n FROM {table} WHERE {where} GROUP BY owner "
-        f"ORDER BY n DESC, coalesce(owner, '') LIMIT {TOP}",
+        f"ORDER BY n DESC, coalesce(owner, '') LIMIT {top}",
         f"SELECT owner, sum(cost) AS c FROM {table} WHERE {where} GROUP BY owner "
-        f"ORDER BY c DESC, coalesce(owner, '') LIMIT {TOP}",
+        f"ORDER BY c DESC, coalesce(owner, '') LIMIT {top}",
     ]
 
 
@@ -70,7 +74,7 @@ def assert_exact(stats: Stats, figures: Any, owners: Any, costs: Any) -> None:
         completed,
         archived,
     )
-    assert 0 < stats.active_last_24h == recent < total // 10
+    assert stats.active_last_24h == recent
     assert (stats.messages, stats.input_tokens, stats.output_tokens) == (
         messages,
         tokens_in,
@@ -116,8 +120,7 @@ async def test_sqlite_stats_over_100k_sessions_are_exact_and_never_scan_sessions
     async with open_store(url, clock=FrozenClock(NOW)) as store:
         stats = await store.stats(top=TOP)
     with sqlite3.connect(path) as conn:
-        live = f"(expires_at IS NULL OR expires_at > {NOW})"
-        figures_sql, owners_sql, costs_sql = expected_sql("sessions", "default", live)
+        figures_sql, owners_sql, costs_sql = expected_sql("sessions", "default", NOW)
         figures = conn.execute(figures_sql).fetchone()
         owners = conn.execute(owners_sql).fetchall()
         costs = conn.execute(costs_sql).fetchall()
@@ -127,6 +130,7 @@ async def test_sqlite_stats_over_100k_sessions_are_exact_and_never_scan_sessions
             for name, sql in STATS_SQL.items()
         }
     assert figures[0] == SESSIONS - SESSIONS // 100
+    assert 0 < figures[4] < figures[0] // 10  # a few recently updated
     assert_exact(stats, figures, owners, costs)
     for name, plan in plans.items():
         text = " | ".join(plan)
@@ -178,8 +182,7 @@ async def test_postgresql_stats_over_100k_sessions_are_exact_and_never_scan_sess
         await conn.execute(f"ANALYZE {s}.sessions, {s}.activity, {s}.totals")
         async with open_store(url, clock=FrozenClock(NOW)) as store:
             stats = await store.stats(top=TOP)
-        live = f"(expires_at IS NULL OR expires_at > {NOW})"
-        figures_sql, owners_sql, costs_sql = expected_sql(f"{s}.sessions", "default", live)
+        figures_sql, owners_sql, costs_sql = expected_sql(f"{s}.sessions", "default", NOW)
         figures = await conn.fetchrow(figures_sql)
         owners = await conn.fetch(owners_sql)
         costs = await conn.fetch(costs_sql)
@@ -196,7 +199,136 @@ async def test_postgresql_stats_over_100k_sessions_are_exact_and_never_scan_sess
     finally:
         await conn.close()
     assert figures[0] == SESSIONS - SESSIONS // 100
+    assert 0 < figures[4] < figures[0] // 10  # a few recently updated
     assert_exact(stats, figures, owners, costs)
     assert "Seq Scan on sessions" not in plan, plan
     assert "sessions_by_tenant_expiry" in plan, plan
     assert "activity_by_updated" in plan, plan
+
+
+# --- every kind of write, at random ----------------------------------------------------
+
+OWNERS = [None, "ann", "bob", "cy"]
+COSTS = [0.0, 0.25, 0.5, 1.0, 2.0]  # sums of these are exact, so ties rank alike
+
+
+async def random_writes(store: SessionStore, clock: FrozenClock, check_now: Any) -> None:
+    """A few hundred writes of every kind that moves the totals (creates with and without
+    expiry, appends, atomic changes, pops, clears, owner and status moves, deletes, loads
+    that replace, idle renewals, expiry and purge), each few of them checked against the
+    sessions themselves; then check finds the totals sound."""
+    rng = random.Random(7)
+    ids: list[str] = []
+    done: collections.Counter[str] = collections.Counter()
+
+    async def live_id() -> str | None:
+        while ids:
+            session_id = rng.choice(ids)
+            try:
+                await store.get_session(session_id)  # renews an idle one
+            except NotFound:
+                ids.remove(session_id)
+                continue
+            return session_id
+        return None
+
+    for step in range(400):
+        kind = rng.choice(
+            ["create"] * 3
+            + ["append"] * 5
+            + ["change", "pop", "clear", "move", "delete", "load"]
+            + ["advance", "purge"]
+        )
+        session_id = None if kind in ("create", "advance", "purge") else await live_id()
+        if kind == "create" or (session_id is None and kind not in ("advance", "purge")):
+            ttl = rng.choice([None, None, 30.0, 300.0])
+            idle = rng.choice([None, None, 60.0])
+            session = await store.create_session(owner=rng.choice(OWNERS), ttl=ttl, idle_ttl=idle)
+            ids.append(session.id)
+        elif kind == "append":
+            assert session_id is not None
+            await store.append_messages(
+                session_id,
+                [
+                    {
+                        "role": "user",
+                        "content": "x",
+                        "input_tokens": rng.randrange(10),
+                        "output_tokens": rng.randrange(10),
+                        "cost": rng.choice(COSTS),
+                    }
+                    for _ in range(rng.randrange(1, 4))
+                ],
+            )
+        elif kind == "change":
+            assert session_id is not None
+            await store.change_session(
+                session_id,
+                status=rng.choice(["active", "completed", "archived"]),
+                messages=[{"role": "user", "content": "y", "cost": rng.choice(COSTS)}],
+            )
+        elif kind == "pop":
+            assert session_id is not None
+            await store.pop_message(session_id)
+        elif kind == "clear":
+            assert session_id is not None
+            await store.clear_messages(session_id)
+        elif kind == "move":
+            assert session_id is not None
+            await store.update_session(session_id, owner=rng.choice(OWNERS))
+        elif kind == "delete":
+            assert session_id is not None
+            await store.delete_session(session_id)
+            ids.remove(session_id)
+        elif kind == "load":  # the same session again, as another owner's
+            assert session_id is not None
+            record, messages = await store.export_session(session_id)
+            record.owner = rng.choice(OWNERS)
+            assert await store.load_session(record, messages, replace=True) == "loaded"
+        elif kind == "advance":
+            clock.advance(rng.choice([1.0, 20.0, 100.0]))
+        else:
+            done["purged"] += await store.purge_expired()
+        done[kind] += 1
+        if step % 20 == 19:
+            stats = await store.stats(top=len(OWNERS))
+            assert_exact(stats, *await check_now(clock.now()))
+    result = await checks.check(store, all_tenants=True)
+    assert result.ok  # pops leave seq gaps, which are no damage
+    assert [count.found for count in result.counts if count.kind == "totals"] == [0]
+    assert min(done.values()) > 0, done  # every kind ran, and purge found expired ones
+
+
+async def test_sqlite_stats_follow_random_writes_of_every_kind(tmp_path: Path) -> None:
+    path = tmp_path / "random.db"
+    clock = FrozenClock(NOW)
+
+    async def direct(now: float) -> tuple[Any, Any, Any]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            figures, owners, costs = expected_sql("sessions", "default", now, len(OWNERS))
+            return (
+                conn.execute(figures).fetchone(),
+                conn.execute(owners).fetchall(),
+                conn.execute(costs).fetchall(),
+            )
+
+    async with open_store(f"sqlite:///{path}", clock=clock) as store:
+        await random_writes(store, clock, direct)
+
+
+@pytest.mark.server
+async def test_postgresql_stats_follow_random_writes_of_every_kind(pg_schema: str) -> None:
+    clock = FrozenClock(NOW)
+    conn = await asyncpg.connect(SERVER)
+
+    async def direct(now: float) -> tuple[Any, Any, Any]:
+        figures, owners, costs = expected_sql(
+            f'"{pg_schema}".sessions', "default", now, len(OWNERS)
+        )
+        return await conn.fetchrow(figures), await conn.fetch(owners), await conn.fetch(costs)
+
+    try:
+        async with open_store(f"{SERVER}?schema={pg_schema}", clock=clock) as store:
+            await random_writes(store, clock, direct)
+    finally:
+        await conn.close()
