@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import random
 import secrets
 import shutil
 import signal
@@ -41,6 +42,7 @@ from sessionkeeper.engines.redis import RedisEngine, _Index
 from sessionkeeper.engines.urls import engine_from_url
 from sessionkeeper.models import SessionQuery, Stats
 from tests.contract.namespaces import drop_namespace
+from tests.contract.redis_cluster import redis_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.server
 
@@ -516,10 +518,10 @@ async def test_an_expiry_already_past_on_the_server_clock_sets_no_ttl(
             with pytest.raises(NotFound):
                 await store.get_session(session.id)
             assert await store.purge_expired() == 1
-        # Only the registry of tenants is left, so that purging every tenant finds this one.
-        assert [key async for key in client.scan_iter(match=f"{prefix}*")] == [
-            f"{prefix}tenants".encode()
-        ]
+        # Only the registry of tenants is left, so that purging every tenant finds this one,
+        # and the analytics history, which purging never takes back.
+        left = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        assert [key for key in left if b":daily:" not in key] == [f"{prefix}tenants".encode()]
     finally:
         await client.aclose()
 
@@ -541,6 +543,7 @@ async def test_purge_cleans_up_after_sessions_redis_dropped(shared: tuple[str, s
             assert expired == [dropped.id]
             assert await store.purge_expired() == 0
         left = [key async for key in client.scan_iter(match=f"{prefix}{{default}}:*")]
+        left = [key for key in left if b":daily:" not in key]  # analytics history stays
         assert left == [], "its index entries, found through the entries hash, are gone"
     finally:
         await client.aclose()
@@ -662,18 +665,20 @@ async def _made(store: SessionStore, count: int) -> None:
         )
 
 
-async def _assert_as_loaded(store: SessionStore, now: float, stats: Stats) -> None:
+async def _assert_as_loaded(store: SessionStore, now: float, stats: Stats, top: int = 3) -> None:
     """``stats`` are what loading every session (as stats did before the counters) gives."""
     engine = store.engine
     assert isinstance(engine, RedisEngine)
     index = _Index(engine._tenant(store.tenant).created, "created_at")
     live = await engine._matching(store.tenant, index, SessionQuery(), now)
-    loaded = rules.stats_of(live, now - 86_400, 3)
+    loaded = rules.stats_of(live, now - 86_400, top)
     costs = ("cost", "top_owners_by_cost")
     assert stats.model_dump(exclude=set(costs)) == loaded.model_dump(exclude=set(costs))
     assert stats.cost == pytest.approx(loaded.cost)
-    by_cost = [(o.owner, pytest.approx(o.cost)) for o in loaded.top_owners_by_cost]
-    assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == by_cost
+    # The counters sum cost exactly (nano-units), so owners whose float sums differ in the
+    # last bit tie, and rank by name.
+    by_cost = {o.owner: pytest.approx(o.cost) for o in loaded.top_owners_by_cost}
+    assert {o.owner: o.cost for o in stats.top_owners_by_cost} == by_cost
 
 
 async def test_stats_read_the_counters_never_the_sessions(server: Server) -> None:
@@ -682,7 +687,9 @@ async def test_stats_read_the_counters_never_the_sessions(server: Server) -> Non
     try:
         async with _store(server.url(), clock) as store:
             await _made(store, 200)
-            clock.advance(100)  # 20 sessions expire; nothing purges them
+            clock.advance(2 * 86_400)  # 20 sessions expire; nothing purges them
+            for summary in (await store.list_sessions(limit=5)).items:
+                await store.update_session(summary.id, title="recent")
             before = await _calls(client)
             stats = await store.stats(top=3)
             ran = {
@@ -691,19 +698,19 @@ async def test_stats_read_the_counters_never_the_sessions(server: Server) -> Non
                 if calls != before.get(name, 0) and name != "info"
             }
             await _assert_as_loaded(store, clock.now(), stats)
-        assert stats.total == 180
-        # One script over the tenant's keys (the counters, then each expiry candidate's
-        # tally and by-updated score), and the meta of the 20 expired sessions, two fields
-        # each: nothing that grows with the 180 live sessions or their messages.
+        assert (stats.total, stats.active_last_24h) == (180, 5)
+        # One script over the tenant's keys (the counters; each expiry candidate's tally
+        # and by-updated score; the tallies of the sessions updated in the last 24 h, one
+        # HMGET a thousand), and the meta of the 20 expired sessions, two fields each:
+        # nothing that grows with the 180 live sessions or their messages.
         assert ran == {
             "evalsha": 1,
             "hexists": 1,
             "hgetall": 1,
-            "zrangebyscore": 1,
+            "zrangebyscore": 2,
             "hget": 20,
             "zscore": 20,
-            "zcount": 1,
-            "hmget": 20,
+            "hmget": 1 + 20,
         }
     finally:
         await client.aclose()
@@ -743,6 +750,7 @@ async def test_counts_from_other_nodes_apply_once_and_in_order(shared: tuple[str
     client = Redis.from_url(SHARED, decode_responses=True)
     tag = f"{prefix}{{default}}"
     keys = [f"{tag}:tallies", f"{tag}:counters", f"{tag}:by-created", f"{tag}:by-updated"]
+    keys += [f"{tag}:tallies-gone", f"{tag}:tallies-gone-at"]
 
     def figures(version: int, messages: int, status: str = "active") -> str:
         return "\x1f".join((str(version), "10.0", "=ann", status, str(messages), "3", "0", "0.5"))
@@ -766,8 +774,67 @@ async def test_counts_from_other_nodes_apply_once_and_in_order(shared: tuple[str
             assert moved == {k.replace("active", "archived"): v for k, v in counted.items()}
             assert await tally("s", "drop", "10.0\x1f3") == {}
             assert await client.exists(*keys[:2]) == 0
+            # A write that lost a race with the deletion comes after it: it stays gone.
+            assert await tally("s", "set", figures(3, 9)) == {}
+            # Created again (later, or at the same time by a frozen clock): counted.
+            again = "\x1f".join(("1", "10.0", "=ann", "active", "4", "3", "0", "0.5"))
+            assert await tally("s", "new", again) == counted
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=["server", "cluster"])
+def either(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A URL of a prefix of the test's own on the shared server, or on the suite's Cluster."""
+    prefix = f"sk_t_{secrets.token_hex(5)}:"
+    if request.param == "cluster":
+        node = request.getfixturevalue("redis_cluster")
+        url = f"redis://{node}/0?cluster=true&prefix={prefix}"
+    else:
+        url = f"{SHARED}?prefix={prefix}"
+    yield url
+    drop_namespace(url)
+
+
+async def test_counters_stay_exact_under_racing_writes(either: str) -> None:
+    clock = FrozenClock()
+    rng = random.Random(7)
+    async with _store(either, clock) as store:
+        ids = [
+            (await store.create_session(owner=f"o{i % 4}", ttl=50 if i % 5 == 0 else None)).id
+            for i in range(24)
+        ]
+
+        async def write(sid: str) -> None:
+            action = rng.choice(["append", "append", "status", "owner", "pop", "clear", "delete"])
+            try:
+                if action == "append":
+                    await store.append_message(
+                        sid, "user", "x", input_tokens=rng.randint(0, 9), cost=rng.random()
+                    )
+                elif action == "status":
+                    await store.update_session(
+                        sid, status=rng.choice(["active", "completed", "archived"])
+                    )
+                elif action == "owner":
+                    await store.update_session(sid, owner=rng.choice(["o1", "o9", None]))
+                elif action == "pop":
+                    await store.pop_message(sid)
+                elif action == "clear":
+                    await store.clear_messages(sid)
+                else:
+                    await store.delete_session(sid)
+            except NotFound:
+                pass  # an earlier write deleted it
+
+        for _ in range(4):
+            await asyncio.gather(*(write(rng.choice(ids)) for _ in range(120)))
+        clock.advance(50)
+        stats = await store.stats(top=10)
+        await _assert_as_loaded(store, clock.now(), stats, top=10)
+        await store.purge_expired(batch_size=2)
+        assert await store.stats(top=10) == stats
+        assert [c for c in (await checks.check(store)).counts if c.found] == []
 
 
 # --- processes -------------------------------------------------------------------------

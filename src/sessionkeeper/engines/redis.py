@@ -816,28 +816,66 @@ return 0
 
 # --- stats: the tenant's counters ---------------------------------------------------------
 
-# On Cluster, the figures of sessions that scripts on other nodes wrote. KEYS: tallies,
-# counters, by-created, by-updated. ARGV, three per session: id, 'set' and its figures (kept
-# unless its tally is of a later write: created_at, then version, so a late or repeated
-# call changes nothing), or 'drop' and '' (it went) or the created_at and version, joined by
-# \031, of the copy that went (kept if its tally is of a later one).
+# On Cluster, the figures of sessions that scripts on other nodes wrote, which may arrive
+# late, twice, or after the session went. KEYS: tallies, counters, by-created, by-updated,
+# gone (a hash: id -> created_at and version, joined by \031, of a copy that went) and
+# gone-at (a zset: when, on the server's clock; entries go after 10 minutes, a few per
+# call). ARGV, three per session: id, then
+# - 'set' (a write) or 'new' (a create or load) and its figures: counted unless a later
+#   write of it is (later: by created_at, then version), or that copy or a later one of it
+#   went ('new' over a copy that went with the same created_at counts: a session created
+#   again);
+# - 'drop' and the created_at and version of the copy that went, or '' (whatever is
+#   counted went): no longer counted, unless what is counted is later.
 _TALLY = r"""
 tenant_keys(string.sub(KEYS[1], 1, -9))
+local GONE, GONE_AT = KEYS[5], KEYS[6]
+local clock = tonumber(redis.call('TIME')[1])
+local stale = redis.call('ZRANGEBYSCORE', GONE_AT, '-inf', clock - 600, 'LIMIT', 0, 16)
+if #stale > 0 then
+  redis.call('HDEL', GONE, unpack(stale))
+  redis.call('ZREM', GONE_AT, unpack(stale))
+end
+
 local function later(created, version, than_created, than_version)
   created, than_created = tonumber(created), tonumber(than_created)
   if created ~= than_created then return created > than_created end
   return tonumber(version) >= tonumber(than_version)
 end
+
+local function bury(id, created, version)
+  local was = redis.call('HGET', GONE, id)
+  if was then
+    local c, v = string.match(was, '^([^\031]*)\031(.*)$')
+    if later(c, v, created, version) then return end
+  end
+  redis.call('HSET', GONE, id, created .. '\031' .. version)
+  redis.call('ZADD', GONE_AT, clock, id)
+end
+
 for j = 1, #ARGV, 3 do
   local id, how, text = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   local old = redis.call('HGET', TALLIES, id)
-  if how == 'set' then
-    local o, n = old and figures(old), figures(text)
-    if not o or later(n[2], n[1], o[2], o[1]) then tally(id, old, text) end
-  elseif old then
-    local o = figures(old)
+  local o = old and figures(old)
+  if how == 'drop' then
     local created, version = string.match(text, '^([^\031]*)\031(.*)$')
-    if text == '' or later(created, version, o[2], o[1]) then tally(id, old, false) end
+    if text == '' and o then created, version = o[2], o[1] end
+    if o and later(created, version, o[2], o[1]) then tally(id, old, false) end
+    if created then bury(id, created, version) end
+  else
+    local n = figures(text)
+    local was = redis.call('HGET', GONE, id)
+    local buried = false
+    if was then
+      local c, v = string.match(was, '^([^\031]*)\031(.*)$')
+      if how == 'new' and tonumber(n[2]) >= tonumber(c) then
+        redis.call('HDEL', GONE, id)
+        redis.call('ZREM', GONE_AT, id)
+      else
+        buried = later(c, v, n[2], n[1])
+      end
+    end
+    if not buried and (not o or later(n[2], n[1], o[2], o[1])) then tally(id, old, text) end
   end
 end
 return 0
@@ -846,7 +884,8 @@ return 0
 # The stored part of the stats. KEYS: counters, by-expiry, tallies, by-updated. ARGV: now,
 # since. Replies {1 if every session is counted, the counters as field/value pairs, the
 # counted sessions among the expiry candidates at now, their figures, their by-updated
-# scores ('' if none), the by-updated entries at or after since}.
+# scores ('' if none), how many counted sessions by-updated has at or after since}: its
+# entries there, read a thousand at a time, as it may hold some of sessions that went.
 _STATS = r"""
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 local ids, found, scores = {}, {}, {}
@@ -858,8 +897,16 @@ for _, id in ipairs(due) do
     scores[#scores + 1] = redis.call('ZSCORE', KEYS[4], id) or ''
   end
 end
+local recent = 0
+local since = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[2], '+inf')
+for i = 1, #since, 1000 do
+  local tallied = redis.call('HMGET', KEYS[3], unpack(since, i, math.min(i + 999, #since)))
+  for _, f in ipairs(tallied) do
+    if f then recent = recent + 1 end
+  end
+end
 return {redis.call('HEXISTS', KEYS[1], 'v'), redis.call('HGETALL', KEYS[1]), ids, found,
-  scores, redis.call('ZCOUNT', KEYS[4], ARGV[2], '+inf')}
+  scores, recent}
 """
 
 # check: whether the counters are the sums of the tallies, and with ARGV[1] = '1' make them
@@ -1267,9 +1314,11 @@ class _Tenant:
 
     def queue_tally(self, pipe: _Pipe, changes: Sequence[tuple[str, str, str]]) -> None:
         """Queue the tenant's script that counts sessions other nodes wrote (on Cluster):
-        (id, "set", figures) or (id, "drop", "" or the created_at and version that went)."""
+        (id, "set" or "new", figures) or (id, "drop", "" or the created_at and version
+        that went)."""
         args = [x for change in changes for x in change]
-        keys = (self.tallies, self.counters, self.created, self.updated)
+        gone = f"{self.tag}:tallies-gone"
+        keys = (self.tallies, self.counters, self.created, self.updated, gone, f"{gone}-at")
         pipe.execute_command("EVALSHA", _SCRIPTS["tally"].sha, len(keys), *keys, *args)
 
     def owner(self, owner: str | None) -> str:
@@ -1783,7 +1832,7 @@ class RedisEngine(Engine):
         that was there (whose scores NX kept), its index scores."""
         if stored != 1:
             _queue_adds(self._insert_adds(r, ""), pipe)
-        self._tenant(r.tenant).queue_tally(pipe, [(r.id, "set", _figures(r))])
+        self._tenant(r.tenant).queue_tally(pipe, [(r.id, "new", _figures(r))])
 
     def _insert_adds(self, r: SessionRecord, flag: str) -> list[_Add]:
         t = self._tenant(r.tenant)
