@@ -262,6 +262,9 @@ def _stats_panel(stats: Stats) -> Panel:
     owners = Table("owner", "sessions", box=None, padding=(0, 2, 0, 0))
     for entry in stats.top_owners:
         owners.add_row(_text(entry.owner), _text(entry.sessions))
+    costly = Table("owner", "cost", box=None, padding=(0, 2, 0, 0))
+    for spent in stats.top_owners_by_cost:
+        costly.add_row(_text(spent.owner), f"{spent.cost:g}")
     rows: list[tuple[str, Any]] = [
         ("total", stats.total),
         ("active", stats.active),
@@ -273,6 +276,7 @@ def _stats_panel(stats: Stats) -> Panel:
         ("tokens", f"{stats.input_tokens} in, {stats.output_tokens} out"),
         ("cost", stats.cost),
         ("top owners", owners if stats.top_owners else None),
+        ("top owners by cost", costly if stats.top_owners_by_cost else None),
     ]
     return Panel(_fields(rows), title="stats", title_align="left")
 

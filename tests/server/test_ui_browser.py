@@ -197,6 +197,7 @@ def test_admin_page_in_chromium(
     assert _figure(page, "Completion rate") == "3.8%"
     assert _figure(page, "Input tokens") == "21"
     expect(page.locator("#top-owners li").first).to_contain_text("carol — 22")
+    expect(page.locator("#top-costs li").first).to_contain_text("alice — 0.0021")
 
     bars = page.locator("#chart svg rect.bar")
     expect(bars).to_have_count(28)
@@ -305,6 +306,12 @@ def test_admin_page_in_chromium(
     expect(titles).to_have_text(["Globex secret plan"])
     assert _figure(page, "Sessions") == "1"
     assert "Lisbon" not in page.locator("main").inner_text()
+    page.click("#tab-analytics")
+    expect(page.locator("#analytics-rows tr.total td").nth(1)).to_have_text("1")
+    owners_seen = page.locator("#analytics-owner-rows").inner_text()
+    assert "mallory" in owners_seen
+    assert "carol" not in owners_seen
+    page.click("#tab-overview")
 
     # an admin key picks a tenant
     page.click("#sign-out")

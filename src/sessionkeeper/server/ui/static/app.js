@@ -175,11 +175,12 @@
     clearOperations();
     showView("overview", false);
     // nothing of the last key's data stays in the page, nor its search
-    for (const id of ["figures", "top-owners", "chart", "session-rows", "messages",
-      "session-fields", "tenant"]) {
+    for (const id of ["figures", "top-owners", "top-costs", "chart", "session-rows", "messages",
+      "session-fields", "tenant", "analytics-rows", "analytics-owner-rows"]) {
       $(id).replaceChildren();
     }
-    for (const id of ["session-count", "session-state", "session-metadata", "identity"]) {
+    for (const id of ["session-count", "session-state", "session-metadata", "identity",
+      "analytics-range"]) {
       $(id).textContent = "";
     }
     $("search").reset();
@@ -245,6 +246,18 @@
       ),
     );
     if (!stats.top_owners.length) owners.append(el("li", { class: "muted" }, "none yet"));
+    const costs = $("top-costs");
+    costs.replaceChildren(
+      ...stats.top_owners_by_cost.map((o) =>
+        el(
+          "li",
+          {},
+          o.owner === null ? el("span", { class: "muted" }, "(no owner)") : o.owner,
+          el("span", { class: "muted" }, ` — ${money(o.cost)}`),
+        ),
+      ),
+    );
+    if (!stats.top_owners_by_cost.length) costs.append(el("li", { class: "muted" }, "none yet"));
     drawChart(daily.days);
   }
 
