@@ -558,7 +558,7 @@ local function append(NOW, EXPECTED, INDEXED, first, n)
     tally(id, redis.call('HGET', TALLIES, id), new)
     return last
   end
-  return {'ok', last, new}
+  return {'ok', last, new, NOW, expires and num(expires) or ''}
 end
 
 local replies = {}
@@ -725,6 +725,29 @@ if old[1] then return 2 end
 return 1
 """
 
+# One server: put back every index entry of the session, from its meta, if it exists (a
+# deletion's clean-up that came after it was created again may have taken them).
+_INDEX_AGAIN = r"""
+local v = redis.call('HMGET', META, 'version', 'owner', 'folder', 'status', 'created_at',
+  'updated_at', 'expires_at')
+if not v[1] then return 0 end
+local tag = string.match(META, '^([^{]*{[^/]*)/') .. '}'
+local id = string.match(META, '/([^/]*)}:meta$')
+local function member_key(x)
+  if x then return '=' .. x end
+  return '-'
+end
+local owner, folder, status, created = member_key(v[2]), member_key(v[3]), v[4], v[5]
+redis.call('ZADD', tag .. ':by-created', created, id)
+redis.call('ZADD', tag .. ':by-updated', v[6], id)
+redis.call('ZADD', tag .. ':by-owner:' .. owner, created, id)
+redis.call('ZADD', tag .. ':by-folder:' .. folder, created, id)
+redis.call('ZADD', tag .. ':by-status:' .. status, created, id)
+redis.call('HSET', tag .. ':entries', id, owner .. '\031' .. folder .. '\031' .. status)
+if v[7] then redis.call('ZADD', tag .. ':by-expiry', v[7], id) end
+return 1
+"""
+
 # Tenant scripts: every key under the tenant's hash tag. A folder name's key in
 # folder-names is the owner, length-prefixed ('-' for None), then the name.
 _LUA_TENANT = r"""
@@ -821,10 +844,13 @@ return 0
 # gone (a hash: id -> created_at and version, joined by \031, of a copy that went) and
 # gone-at (a zset: when, on the server's clock; entries go after 10 minutes, a few per
 # call). ARGV, three per session: id, then
-# - 'set' (a write) or 'new' (a create or load) and its figures: counted unless a later
-#   write of it is (later: by created_at, then version), or that copy or a later one of it
-#   went ('new' over a copy that went with the same created_at counts: a session created
-#   again);
+# - 'set' (a write or create) and its figures: counted unless a later write of it is
+#   (later: by created_at, then version), or that copy or a later one of it went (so a
+#   session deleted and created again at the very same created_at, which only a frozen
+#   clock makes, is not counted until check --repair); 'put' (a load, which may write an
+#   older copy) and its figures: counted;
+# ('set' and 'put' may carry the write's updated_at and expires_at, each after \030: its
+# by-updated and by-expiry entries are then put back too);
 # - 'drop' and the created_at and version of the copy that went, or '' (whatever is
 #   counted went): no longer counted, unless what is counted is later.
 _TALLY = r"""
@@ -853,8 +879,18 @@ local function bury(id, created, version)
   redis.call('ZADD', GONE_AT, clock, id)
 end
 
+-- A write's by-updated and by-expiry entries, which a racing deletion of the same id may
+-- have taken (stats read them): put back with the figures that count.
+local function index(id, updated, expires)
+  if updated ~= '' then redis.call('ZADD', UPDATED, updated, id) end
+  if expires ~= '' then
+    redis.call('ZADD', string.sub(KEYS[1], 1, -9) .. ':by-expiry', expires, id)
+  end
+end
+
 for j = 1, #ARGV, 3 do
-  local id, how, text = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+  local id, text = ARGV[j], ARGV[j + 2]
+  local how, updated, expires = string.match(ARGV[j + 1], '^([^\030]*)\030?([^\030]*)\030?(.*)$')
   local old = redis.call('HGET', TALLIES, id)
   local o = old and figures(old)
   if how == 'drop' then
@@ -862,20 +898,23 @@ for j = 1, #ARGV, 3 do
     if text == '' and o then created, version = o[2], o[1] end
     if o and later(created, version, o[2], o[1]) then tally(id, old, false) end
     if created then bury(id, created, version) end
+  elseif how == 'put' then
+    redis.call('HDEL', GONE, id)
+    redis.call('ZREM', GONE_AT, id)
+    tally(id, old, text)
+    index(id, updated, expires)
   else
     local n = figures(text)
     local was = redis.call('HGET', GONE, id)
     local buried = false
     if was then
       local c, v = string.match(was, '^([^\031]*)\031(.*)$')
-      if how == 'new' and tonumber(n[2]) >= tonumber(c) then
-        redis.call('HDEL', GONE, id)
-        redis.call('ZREM', GONE_AT, id)
-      else
-        buried = later(c, v, n[2], n[1])
-      end
+      buried = later(c, v, n[2], n[1])
     end
-    if not buried and (not o or later(n[2], n[1], o[2], o[1])) then tally(id, old, text) end
+    if not buried and (not o or later(n[2], n[1], o[2], o[1])) then
+      tally(id, old, text)
+      index(id, updated, expires)
+    end
   end
 end
 return 0
@@ -1099,6 +1138,7 @@ _SCRIPTS = {
     "leave_folder": _Script.of(_COUNTED, _LEAVE_FOLDER),
     "export": _Script.of(_SESSION, _EXPORT),
     "load": _Script.of(_COUNTED, _LOAD),
+    "index_again": _Script.of(_SESSION, _INDEX_AGAIN),
     # One server: count a session as stored now. Cluster: its figures, for "tally".
     "recount": _Script.of(_COUNTED, "\nrecount()\nreturn 0\n"),
     "figures": _Script.of(_COUNTED, "\nreturn stored_figures()\n"),
@@ -1314,8 +1354,8 @@ class _Tenant:
 
     def queue_tally(self, pipe: _Pipe, changes: Sequence[tuple[str, str, str]]) -> None:
         """Queue the tenant's script that counts sessions other nodes wrote (on Cluster):
-        (id, "set" or "new", figures) or (id, "drop", "" or the created_at and version
-        that went)."""
+        (id, "set" or "put", figures) or (id, "drop", "" or the created_at and version that
+        went)."""
         args = [x for change in changes for x in change]
         gone = f"{self.tag}:tallies-gone"
         keys = (self.tallies, self.counters, self.created, self.updated, gone, f"{gone}-at")
@@ -1386,6 +1426,12 @@ def _figures(r: SessionRecord) -> str:
             repr(r.cost),
         )
     )
+
+
+def _set(r: SessionRecord, how: str = "set") -> tuple[str, str, str]:
+    """A tally change for a write on Cluster: its figures, updated_at and expires_at."""
+    expires = "" if r.expires_at is None else repr(r.expires_at)
+    return r.id, _RS.join((how, repr(r.updated_at), expires)), _figures(r)
 
 
 def _gone(version: str, created_at: str) -> str:
@@ -1825,14 +1871,14 @@ class RedisEngine(Engine):
         if stored == 0:
             raise AlreadyExists(f"session {r.id!r} already exists")
         if self._options.cluster:
-            await self._run(functools.partial(self._queue_stored, r, stored))
+            await self._run(functools.partial(self._queue_stored, r, stored, "set"))
 
-    def _queue_stored(self, r: SessionRecord, stored: int, pipe: _Pipe) -> None:
-        """On Cluster, after an insert or load wrote ``r``: its counts and, over a session
-        that was there (whose scores NX kept), its index scores."""
+    def _queue_stored(self, r: SessionRecord, stored: int, how: str, pipe: _Pipe) -> None:
+        """On Cluster, after an insert ("set") or load ("put") wrote ``r``: its counts and,
+        over a session that was there (whose scores NX kept), its index scores."""
         if stored != 1:
             _queue_adds(self._insert_adds(r, ""), pipe)
-        self._tenant(r.tenant).queue_tally(pipe, [(r.id, "new", _figures(r))])
+        self._tenant(r.tenant).queue_tally(pipe, [_set(r, how)])
 
     def _insert_adds(self, r: SessionRecord, flag: str) -> list[_Add]:
         t = self._tenant(r.tenant)
@@ -1871,6 +1917,19 @@ class RedisEngine(Engine):
                 t.queue_tally(pipe, [(session_id, "drop", _gone(version, created))])
 
         await self._run(queue)
+        await self._index_again(tenant, [session_id])
+
+    async def _index_again(self, tenant: str, ids: list[str]) -> None:
+        """Put back the index entries of these sessions, whose removal came after their
+        deletion, if a session was created again under the id meanwhile (the removal may
+        have taken its entries; its expiry and by-updated entries are what stats read)."""
+        if not self._options.cluster:  # one script each, which reads the meta itself
+            await self._run(functools.partial(self._queue_each, "index_again", tenant, ids, []))
+            return
+        back = [r for r in await self._load(tenant, ids) if r is not None]
+        if back:
+            adds = [add for r in back for add in self._insert_adds(r, "")]
+            await self._run(functools.partial(_queue_adds, adds))
 
     @staticmethod
     def _unindex(
@@ -1921,7 +1980,7 @@ class RedisEngine(Engine):
             if reply[0] == "ok":
                 new.expires_at = _float(reply[1]) if len(reply) > 1 else None
                 if self._options.cluster:
-                    await self._count_on_cluster(tenant, [(session_id, "set", _figures(new))])
+                    await self._count_on_cluster(tenant, [_set(new)])
                 return new, appended
             if reply[0] == "conflict":
                 await self._restore_updated(tenant, session_id, now, reply[2])
@@ -2016,7 +2075,8 @@ class RedisEngine(Engine):
 
         [reply] = (await self._run(queue))[0]
         if reply[0] == "ok":
-            await self._count_on_cluster(tenant, [(session_id, "set", reply[2])])
+            how = _RS.join(("set", reply[3], reply[4] or ""))
+            await self._count_on_cluster(tenant, [(session_id, how, reply[2])])
             return int(reply[1])
         if reply[0] == "conflict":
             await self._restore_updated(tenant, session_id, now, reply[2])
@@ -2109,7 +2169,7 @@ class RedisEngine(Engine):
         self._raise_for(reply, session_id, expected_version)
         record = _record(tenant, session_id, _unpack(reply[1]), None)
         if self._options.cluster:
-            await self._count_on_cluster(tenant, [(session_id, "set", _figures(record))])
+            await self._count_on_cluster(tenant, [_set(record)])
         if record.updated_at != now:  # a pop of an empty history changed nothing
             await self._restore_updated(tenant, session_id, now, _text(record.updated_at))
         return record, reply[2]
@@ -2510,6 +2570,11 @@ class RedisEngine(Engine):
 
         if any(reply is not None for reply in left):
             await self._run(queue)
+        deleted = [
+            sid for sid, reply in zip(members, left, strict=True) if reply and reply[0] == "deleted"
+        ]
+        for start in range(0, len(deleted), _BATCH):
+            await self._index_again(tenant, deleted[start : start + _BATCH])
         return sum(reply[1] for reply in left if reply is not None)
 
     # --- expiry ------------------------------------------------------------------------
@@ -2942,7 +3007,7 @@ class RedisEngine(Engine):
         if stored == 0:
             return False
         if cluster:
-            await self._run(functools.partial(self._queue_stored, r, stored))
+            await self._run(functools.partial(self._queue_stored, r, stored, "put"))
         return True
 
     # --- analytics -----------------------------------------------------------------------
