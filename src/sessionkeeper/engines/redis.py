@@ -650,7 +650,8 @@ return {'ok'}
 """
 
 # ARGV: now. Deletes the session if it has expired. Replies {'deleted', owner, folder,
-# status, version, created_at}, {'gone'} (no such session) or {'live', expires_at}.
+# status, version, created_at}, {'gone'} (no such session) or {'live', expires_at} (on one
+# server, its by-expiry score moved up to expires_at).
 _PURGE = r"""
 local m = redis.call('HMGET', META, 'version', 'expires_at', 'owner', 'folder', 'status',
   'created_at')
@@ -662,6 +663,13 @@ if m[2] and tonumber(m[2]) <= now then
   redis.call('DEL', META, STATE, MSGS)
   recount()
   return {'deleted', m[3], m[4], m[5], m[1], m[6]}
+end
+if TALLIES then
+  -- One server: its by-expiry score moves up to its expiry here, where no deletion and
+  -- creation again of the id can come between the read and the write.
+  local id = string.match(META, '/([^/]*)}:meta$')
+  local expiry = string.sub(KEYS[4], 1, -9) .. ':by-expiry'
+  if m[2] then redis.call('ZADD', expiry, 'XX', m[2], id) else redis.call('ZREM', expiry, id) end
 end
 return {'live', m[2]}
 """
@@ -1335,6 +1343,7 @@ class _Tenant:
         "entries",
         "expiry",
         "folders",
+        "name",
         "names",
         "tag",
         "tallies",
@@ -1342,6 +1351,7 @@ class _Tenant:
     )
 
     def __init__(self, prefix: str, tenant: str) -> None:
+        self.name = tenant
         self.tag = f"{prefix}{{{tenant}}}"
         self.created = f"{self.tag}:by-created"
         self.updated = f"{self.tag}:by-updated"
@@ -1915,16 +1925,18 @@ class RedisEngine(Engine):
             self._unindex(pipe, t, session_id, owner, folder, status)
             if self._options.cluster:
                 t.queue_tally(pipe, [(session_id, "drop", _gone(version, created))])
+            else:
+                self._queue_each("index_again", tenant, [session_id], [], pipe)
 
         await self._run(queue)
         await self._index_again(tenant, [session_id])
 
     async def _index_again(self, tenant: str, ids: list[str]) -> None:
-        """Put back the index entries of these sessions, whose removal came after their
-        deletion, if a session was created again under the id meanwhile (the removal may
-        have taken its entries; its expiry and by-updated entries are what stats read)."""
-        if not self._options.cluster:  # one script each, which reads the meta itself
-            await self._run(functools.partial(self._queue_each, "index_again", tenant, ids, []))
+        """On Cluster, put back the index entries of these sessions, whose removal came
+        after their deletion, if a session was created again under the id meanwhile (the
+        removal may have taken its entries; its expiry and by-updated entries are what stats
+        read). On one server the removal's pipeline runs script index_again after it."""
+        if not self._options.cluster:
             return
         back = [r for r in await self._load(tenant, ids) if r is not None]
         if back:
@@ -2562,6 +2574,8 @@ class RedisEngine(Engine):
                     self._unindex(pipe, t, sid, reply[2], folder_id, reply[3])
                     if self._options.cluster:
                         t.queue_tally(pipe, [(sid, "drop", _gone(reply[4], reply[5]))])
+                    else:
+                        self._queue_each("index_again", tenant, [sid], [], pipe)
                 else:
                     _, _, created, owner, status = reply
                     pipe.zadd(t.in_folder(reassign_to), {sid: float(created)})
@@ -2659,10 +2673,14 @@ class RedisEngine(Engine):
                 for key in (t.expiry, t.created, t.updated):
                     pipe.zrem(key, sid)
                 dropped.append((sid, len(pipe) - 3))  # its ZREM from by-expiry
+            elif not self._options.cluster:
+                pass  # the purge script moved its by-expiry score itself
             elif reply[1] is None:
                 pipe.zrem(t.expiry, sid)
             else:
                 pipe.zadd(t.expiry, {sid: float(reply[1])}, xx=True)
+        if went and not self._options.cluster:  # after the removals: of one created again
+            self._queue_each("index_again", t.name, [sid for sid, _, _ in went], [], pipe)
 
     # --- check and doctor --------------------------------------------------------------
 
