@@ -229,7 +229,7 @@ def test_list_prints_a_table_and_the_whole_next_cursor(sessions: str) -> None:
 def test_stats_counts_sessions_completion_and_top_owners(sessions: str) -> None:
     stats = run_json(sessions, "stats", "--top", "2")
     assert (stats["total"], stats["active"], stats["completed"]) == (4, 3, 1)
-    assert stats["active_last_24h"] == 4
+    assert stats["recently_active"] == 4
     assert stats["completion_rate"] == pytest.approx(0.25)
     assert stats["top_owners"][0] == {"owner": "alice", "sessions": 2}
     assert len(stats["top_owners"]) == 2

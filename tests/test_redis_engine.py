@@ -699,7 +699,7 @@ async def test_stats_read_the_counters_never_the_sessions(server: Server) -> Non
                 if calls != before.get(name, 0) and name != "info"
             }
             await _assert_as_loaded(store, clock.now(), stats)
-        assert (stats.total, stats.active_last_24h) == (180, 5)
+        assert (stats.total, stats.recently_active) == (180, 5)
         # One script over the tenant's keys (the counters; each expiry candidate's tally
         # and by-updated score; the tallies of the sessions updated in the last 24 h, one
         # HMGET a thousand), and the meta of the 20 expired sessions, two fields each:

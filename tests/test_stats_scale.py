@@ -74,7 +74,7 @@ def assert_exact(stats: Stats, figures: Any, owners: Any, costs: Any) -> None:
         completed,
         archived,
     )
-    assert stats.active_last_24h == recent
+    assert stats.recently_active == recent
     assert (stats.messages, stats.input_tokens, stats.output_tokens) == (
         messages,
         tokens_in,

@@ -270,7 +270,7 @@ def _stats_panel(stats: Stats) -> Panel:
         ("active", stats.active),
         ("completed", stats.completed),
         ("archived", stats.archived),
-        ("updated in last 24 h", stats.active_last_24h),
+        (f"updated in last {stats.active_hours:g} h", stats.recently_active),
         ("completion rate", f"{stats.completion_rate:.1%}"),
         ("messages", stats.messages),
         ("tokens", f"{stats.input_tokens} in, {stats.output_tokens} out"),
@@ -425,11 +425,14 @@ def list_sessions(
 def stats(
     ctx: typer.Context,
     top: Annotated[int, typer.Option(metavar="N", help="How many top owners")] = 5,
+    active_hours: Annotated[
+        float, typer.Option(metavar="HOURS", help="Count sessions updated within so many hours")
+    ] = 24.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Print totals, recent activity, the completion rate and the top owners."""
     with _store(ctx) as store:
-        figures = store.stats(top=top)
+        figures = store.stats(top=top, active_hours=active_hours)
     _emit(figures, as_json, _stats_panel)
 
 

@@ -183,7 +183,10 @@ class Stats(BaseModel):
     active: int
     completed: int
     archived: int
-    active_last_24h: int
+    recently_active: int = Field(
+        description="Live sessions updated within the last active_hours hours"
+    )
+    active_hours: float = Field(24.0, description="The window of recently_active, in hours")
     completion_rate: float
     messages: int
     input_tokens: int

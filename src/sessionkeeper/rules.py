@@ -365,7 +365,7 @@ def stats_of(records: list[SessionRecord], since: float, top: int) -> Stats:
         active=statuses["active"],
         completed=statuses["completed"],
         archived=statuses["archived"],
-        active_last_24h=sum(1 for r in records if r.updated_at >= since),
+        recently_active=sum(1 for r in records if r.updated_at >= since),
         completion_rate=statuses["completed"] / total if total else 0.0,
         messages=sum(r.message_count for r in records),
         input_tokens=sum(r.input_tokens for r in records),

@@ -85,6 +85,7 @@ _DAY = 86_400.0
 _MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
 _MAX_NAME = 256
 _MAX_ANALYTICS_DAYS = 3_660  # ten years of days in one read
+_MAX_ACTIVE_HOURS = 24 * 366
 _EPOCH = date(1970, 1, 1)
 # The guard where creates of one owner reserve a place while max_sessions_per_owner is
 # checked, and how long a reservation of a process that died on the way is honoured.
@@ -1090,11 +1091,20 @@ class SessionStore:
         )
         return await self.engine.count_sessions(self.tenant, query, self._now())
 
-    async def stats(self, *, top: int = 5) -> Stats:
-        """Totals, status counts, sessions updated in the last 24 hours, completion rate,
-        message, token and cost sums, and the ``top`` owners by session count."""
+    async def stats(self, *, top: int = 5, active_hours: float = 24.0) -> Stats:
+        """Totals, status counts, sessions updated in the last ``active_hours`` hours,
+        completion rate, message, token and cost sums, and the ``top`` owners by session
+        count and by cost."""
+        hours = active_hours
+        if isinstance(hours, bool) or not isinstance(hours, int | float):
+            raise InvalidInput("active_hours", f"must be a number, not {type(hours).__name__}")
+        if not 0 < hours <= _MAX_ACTIVE_HOURS:
+            raise InvalidInput("active_hours", f"must be above 0 and at most {_MAX_ACTIVE_HOURS}")
         now = self._now()
-        return await self.engine.stats(self.tenant, now, now - _DAY, _int(top, "top", 0, 100))
+        found = await self.engine.stats(
+            self.tenant, now, now - hours * 3_600, _int(top, "top", 0, 100)
+        )
+        return found.model_copy(update={"active_hours": float(hours)})
 
     async def flush_analytics(self) -> None:
         """Write the figures this store (and its tenant views) counted and has not written

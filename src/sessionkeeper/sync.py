@@ -405,10 +405,11 @@ class SyncSessionStore:
             )
         )
 
-    def stats(self, *, top: int = 5) -> Stats:
-        """Totals, status counts, sessions updated in the last 24 hours, completion rate, message,
-        token and cost sums, and the ``top`` owners by session count."""
-        return self._portal.call(self._store.stats(top=top))
+    def stats(self, *, top: int = 5, active_hours: float = 24.0) -> Stats:
+        """Totals, status counts, sessions updated in the last ``active_hours`` hours, completion
+        rate, message, token and cost sums, and the ``top`` owners by session count and
+        by cost."""
+        return self._portal.call(self._store.stats(top=top, active_hours=active_hours))
 
     def flush_analytics(self) -> None:
         """Write the figures this store (and its tenant views) counted and has not written yet;

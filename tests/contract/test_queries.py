@@ -124,13 +124,21 @@ async def test_stats(store: SessionStore, clock: FrozenClock) -> None:
     await store.update_session("s6", step="later")
     stats = await store.stats(top=2)
     assert (stats.total, stats.active, stats.completed, stats.archived) == (6, 3, 2, 1)
-    assert stats.active_last_24h == 1
+    assert stats.recently_active == 1
     assert stats.completion_rate == pytest.approx(2 / 6)
     assert (stats.messages, stats.input_tokens, stats.output_tokens) == (1, 3, 1)
     assert stats.cost == pytest.approx(0.5)
     assert [(o.owner, o.sessions) for o in stats.top_owners] == [("ann", 3), ("bob", 2)]
     # by cost, ties by owner with none first
     assert [(o.owner, o.cost) for o in stats.top_owners_by_cost] == [("ann", 0.5), (None, 0.0)]
+    assert stats.active_hours == 24.0
+    wider = await store.stats(active_hours=72)  # the others were made two days ago
+    assert (wider.recently_active, wider.active_hours) == (6, 72.0)
+    clock.advance(3_600)
+    assert (await store.stats(active_hours=0.5)).recently_active == 0
+    for bad in (0, -1, 24 * 367, "24", True, float("nan")):
+        with pytest.raises(InvalidInput, match="active_hours"):
+            await store.stats(active_hours=bad)  # type: ignore[arg-type]
 
 
 async def test_stats_of_an_empty_tenant(store: SessionStore) -> None:

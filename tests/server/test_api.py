@@ -275,6 +275,11 @@ async def test_stats(alpha: httpx.AsyncClient) -> None:
     stats = (await alpha.get("/v1/stats", params={"top": 1})).json()
     assert (stats["total"], stats["completed"], stats["completion_rate"]) == (2, 1, 0.5)
     assert stats["top_owners"] == [{"owner": "alice", "sessions": 2}]
+    assert (stats["recently_active"], stats["active_hours"]) == (2, 24.0)
+    week = (await alpha.get("/v1/stats", params={"active_hours": 168})).json()
+    assert week["active_hours"] == 168.0
+    body = problem(await alpha.get("/v1/stats", params={"active_hours": 0}), 422)
+    assert body["field"] == "query.active_hours"
 
 
 async def test_analytics(alpha: httpx.AsyncClient, beta: httpx.AsyncClient) -> None:

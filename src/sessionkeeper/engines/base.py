@@ -219,7 +219,7 @@ class Engine(ABC):
 
     @abstractmethod
     async def stats(self, tenant: str, now: float, since: float, top: int) -> Stats:
-        """Figures over live sessions; ``active_last_24h`` counts those updated at or after
+        """Figures over live sessions; ``recently_active`` counts those updated at or after
         ``since``; ``top_owners`` the ``top`` owners with most sessions and
         ``top_owners_by_cost`` those whose sessions cost most (ties: by owner, none first).
         Never by loading every session where storage can aggregate: the SQL engines keep

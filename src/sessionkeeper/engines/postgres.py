@@ -1654,7 +1654,7 @@ class PostgresEngine(Engine):
             active=active,
             completed=completed,
             archived=archived,
-            active_last_24h=recent,
+            recently_active=recent,
             completion_rate=completed / total if total else 0.0,
             messages=messages,
             input_tokens=tokens_in,

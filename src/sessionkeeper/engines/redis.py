@@ -1477,7 +1477,7 @@ def _stats(groups: dict[tuple[str, str], list[int]], recent: int, top: int) -> S
         active=statuses.get("active", 0),
         completed=statuses.get("completed", 0),
         archived=statuses.get("archived", 0),
-        active_last_24h=recent,
+        recently_active=recent,
         completion_rate=statuses.get("completed", 0) / total if total else 0.0,
         messages=messages,
         input_tokens=input_tokens,

@@ -1272,7 +1272,7 @@ def _r_stats(tenant: str, now: float, since: float, top: int, conn: sqlite3.Conn
         active=by_status.get("active", (0,))[0],
         completed=completed,
         archived=by_status.get("archived", (0,))[0],
-        active_last_24h=recent,
+        recently_active=recent,
         completion_rate=completed / total if total else 0.0,
         messages=messages,
         input_tokens=tokens_in,

@@ -95,8 +95,14 @@ async def delete_folder(
     tags=["stats"],
     summary="Totals, status counts, recent activity, completion rate, tokens, cost, top owners",
 )
-async def stats(store: Tenant, top: Annotated[int, Query(ge=0, le=100)] = 5) -> Response:
-    return json_response(await store.stats(top=top))
+async def stats(
+    store: Tenant,
+    top: Annotated[int, Query(ge=0, le=100)] = 5,
+    active_hours: Annotated[
+        float, Query(gt=0, le=8_784, description="The window of recently_active, in hours")
+    ] = 24.0,
+) -> Response:
+    return json_response(await store.stats(top=top, active_hours=active_hours))
 
 
 @router.get(

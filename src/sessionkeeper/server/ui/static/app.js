@@ -223,7 +223,7 @@
       ["Completed", count(stats.completed)],
       ["Archived", count(stats.archived)],
       ["Completion rate", `${(stats.completion_rate * 100).toFixed(1)}%`],
-      ["Updated in 24 h", count(stats.active_last_24h)],
+      ["Updated in 24 h", count(stats.recently_active)],
       ["Messages", count(stats.messages)],
       ["Input tokens", count(stats.input_tokens)],
       ["Output tokens", count(stats.output_tokens)],
