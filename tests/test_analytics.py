@@ -26,11 +26,11 @@ class FlakyEngine(MemoryEngine):
         super().__init__()
         self.fail = 0
 
-    async def add_daily(self, tenant: str, rows: list[DailyRecord]) -> None:
+    async def add_daily(self, tenant: str, rows: list[DailyRecord], replace: bool = False) -> None:
         if self.fail:
             self.fail -= 1
             raise BackendUnavailable("the engine is away")
-        await super().add_daily(tenant, rows)
+        await super().add_daily(tenant, rows, replace)
 
 
 def _store(engine: MemoryEngine, interval: float) -> SessionStore:

@@ -763,7 +763,8 @@ async def test_counts_from_other_nodes_apply_once_and_in_order(shared: tuple[str
 
             async def tally(*args: str) -> dict[str, str]:
                 await engine._eval("tally", keys, list(args))
-                return dict(await client.hgetall(keys[1]))
+                found = await client.hgetall(keys[1])
+                return {str(k): str(v) for k, v in found.items()}
 
             group = "\x1factive\x1f=ann"
             counted = {"v": "1", f"n{group}": "1", f"m{group}": "4", f"i{group}": "3"}
@@ -809,8 +810,18 @@ class _Ticking(FrozenClock):
         return super().now()
 
 
-_ACTIONS = ("create", "create", "append", "append", "status", "owner", "pop", "clear", "delete")
-_ACTIONS += ("purge",)
+_ACTIONS = (
+    "create",
+    "create",
+    "append",
+    "append",
+    "status",
+    "owner",
+    "pop",
+    "clear",
+    "delete",
+    "purge",
+)
 
 
 @pytest.mark.parametrize("seed", range(3))

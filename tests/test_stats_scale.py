@@ -184,6 +184,7 @@ async def test_postgresql_stats_over_100k_sessions_are_exact_and_never_scan_sess
             stats = await store.stats(top=TOP)
         figures_sql, owners_sql, costs_sql = expected_sql(f"{s}.sessions", "default", NOW)
         figures = await conn.fetchrow(figures_sql)
+        assert figures is not None
         owners = await conn.fetch(owners_sql)
         costs = await conn.fetch(costs_sql)
         sql = postgres.stats_sql(pg_schema)

@@ -300,12 +300,13 @@ async def test_analytics(alpha: httpx.AsyncClient, beta: httpx.AsyncClient) -> N
     months = (await alpha.get("/v1/analytics", params={"group_by": "month", "days": 90})).json()
     assert sum(p["created"] for p in months["series"]) == 2
     assert (await beta.get("/v1/analytics")).json()["totals"]["created"] == 0
-    for params, field in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"days": 0}, "days"),
         ({"group_by": "year"}, "group_by"),
         ({"until": "yesterday"}, "until"),
         ({"top": -1}, "top"),
-    ]:
+    ]
+    for params, field in cases:
         body = problem(await alpha.get("/v1/analytics", params=params), 422)
         assert body["field"] == f"query.{field}"
     both = problem(await alpha.get("/v1/analytics", params={"owner": "a", "no_owner": 1}), 422)

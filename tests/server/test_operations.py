@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from sessionkeeper import FrozenClock, checks, maintenance, open_store
 from sessionkeeper.keys import create_key
@@ -90,7 +91,7 @@ async def statuses(store: SessionStore) -> dict[str, str]:
 def test_each_response_model_has_the_fields_the_cli_prints() -> None:
     check = checks.CheckResult("sqlite", None, False, [])
     doctor = checks.DoctorResult(DoctorReport("sqlite", "3"))
-    pairs = [
+    pairs: list[tuple[type[BaseModel], dict[str, Any]]] = [
         (operations.CheckOut, check.to_dict()),
         (operations.DoctorOut, doctor.to_dict()),
         (operations.ArchiveOut, maintenance.ArchiveReport().to_dict()),
