@@ -40,6 +40,7 @@ __all__ = [
     "OwnerPeriod",
     "SeriesPoint",
     "day_of",
+    "periods_of",
     "summarize",
 ]
 
@@ -158,6 +159,18 @@ def _point(first: int, last: int, row: DailyRecord) -> SeriesPoint:
     )
 
 
+def periods_of(first: int, last: int, grouping: Grouping) -> list[tuple[int, int]]:
+    """The (first day, last day) of each period of days ``first`` to ``last``, clipped
+    to them."""
+    periods: list[tuple[int, int]] = []
+    start = first
+    while start <= last:
+        following = _next_period(_period_start(start, grouping), grouping)
+        periods.append((start, min(following - 1, last)))
+        start = following
+    return periods
+
+
 def summarize(
     rows: Iterable[DailyRecord],
     first: int,
@@ -170,12 +183,7 @@ def summarize(
     period of the range gets a point, with zeros where nothing happened. ``rows`` are per
     day, or per period dated by its first day (from engines that sum in storage; the
     engine's range already left out the days outside)."""
-    periods: list[tuple[int, int]] = []
-    start = first
-    while start <= last:
-        following = _next_period(_period_start(start, grouping), grouping)
-        periods.append((start, min(following - 1, last)))
-        start = following
+    periods = periods_of(first, last, grouping)
     index = {day: i for i, (a, b) in enumerate(periods) for day in range(a, b + 1)}
     # rows an engine summed per period are dated by its first day, before the range's
     # first day for a clipped first period

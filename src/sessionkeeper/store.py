@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 from pydantic import ValidationError
 
 from . import guards, rules
-from .analytics import GROUPINGS, Analytics, Grouping, Ledger, day_of, summarize
+from .analytics import GROUPINGS, Analytics, Grouping, Ledger, day_of, periods_of, summarize
 from .clock import Clock, SystemClock
 from .engines.base import Engine
 from .engines.urls import engine_from_url
@@ -81,11 +81,11 @@ LoadOutcome = Literal["loaded", "kept", "expired"]
 HookEvent = Literal["created", "completed", "expired", "deleted"]
 HOOK_EVENTS: tuple[HookEvent, ...] = ("created", "completed", "expired", "deleted")
 
-_DAY = 86_400.0
 _MESSAGE_FIELDS = frozenset(MessageIn.model_fields)
 _MAX_NAME = 256
 _MAX_ANALYTICS_DAYS = 3_660  # ten years of days in one read
 _MAX_ACTIVE_HOURS = 24 * 366
+_MAX_OWNER_ROWS = 10_000  # owners by cost in one analytics answer
 _EPOCH = date(1970, 1, 1)
 # The guard where creates of one owner reserve a place while max_sessions_per_owner is
 # checked, and how long a reservation of a process that died on the way is honoured.
@@ -1147,6 +1147,13 @@ class SessionStore:
             raise InvalidInput("until", f"must be a date or a datetime, not {type(until).__name__}")
         who = None if isinstance(owner, Unset) else _optional_text(owner, "owner", _MAX_NAME)
         first = last - span + 1
+        rows_asked = len(periods_of(first, last, group_by)) * ranked
+        if rows_asked > _MAX_OWNER_ROWS:
+            raise InvalidInput(
+                "top",
+                f"asks for up to {rows_asked} owner rows ({ranked} a period); at most "
+                f"{_MAX_OWNER_ROWS}: ask for fewer days, longer periods or a smaller top",
+            )
         await self._ledger.flush()
         rows = await self.engine.read_daily(
             self.tenant, first, last, who, not isinstance(owner, Unset), group_by

@@ -175,6 +175,8 @@ async def test_a_store_with_analytics_off_counts_nothing(
         ({"days": "7"}, "days"),
         ({"group_by": "year"}, "group_by"),
         ({"top": -1}, "top"),
+        ({"days": 3_660, "top": 10}, "top"),  # 36,600 owner rows a day at most
+        ({"days": 400, "group_by": "week", "top": 1_000}, "top"),
         ({"until": "2023-11-14"}, "until"),
         ({"until": datetime(2023, 11, 14)}, "until"),  # naive
         ({"owner": ""}, "owner"),
