@@ -20,11 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from sessionkeeper import FrozenClock, Settings, open_store
 from sessionkeeper.keys import create_key
 
+from .conftest import SECRET, Receiver
 from .processes import Served
 
 if TYPE_CHECKING:
@@ -355,17 +357,28 @@ async def _seed_damaged(url: str) -> tuple[Seeded, str]:
 
 
 @pytest.fixture
-def damaged_server(tmp_path: Path) -> Iterator[tuple[Served, Seeded, str]]:
+def damaged_server(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[Served, Seeded, str]]:
+    """The damaged store served with webhooks on: the receiver refuses the first delivery,
+    which fails at once (one attempt allowed), and takes the rest."""
     url = f"sqlite:///{tmp_path / 'ops.db'}"
     with ThreadPoolExecutor(1) as pool:
         seeded, damaged = pool.submit(asyncio.run, _seed_damaged(url)).result()
-    with Served(url) as served:
+    receiver.statuses = [503]
+    env = {
+        "SESSIONKEEPER_WEBHOOK_URL": receiver.url,
+        "SESSIONKEEPER_WEBHOOK_SECRET": SECRET,
+        "SESSIONKEEPER_WEBHOOK_MAX_ATTEMPTS": "1",
+    }
+    with Served(url, env=env) as served:
         yield served, seeded, damaged
 
 
 @pytest.mark.timeout(120)
 def test_operations_view_in_chromium(
-    browser: Browser, damaged_server: tuple[Served, Seeded, str], tmp_path: Path
+    browser: Browser,
+    damaged_server: tuple[Served, Seeded, str],
+    receiver: Receiver,
+    tmp_path: Path,
 ) -> None:
     from playwright.sync_api import expect
 
@@ -440,8 +453,31 @@ def test_operations_view_in_chromium(
     page.click("#tab-overview")
     expect(page.locator('[data-figure="Archived"] dd')).to_have_text("3")
 
-    # a bad duration is refused with the server's reason
+    # webhooks: a completion whose delivery the receiver refused, then sent again
+    done = httpx.patch(
+        f"{served.base}/v1/sessions/{damaged}",
+        json={"status": "completed"},
+        headers={"Authorization": f"Bearer {seeded.admin}"},
+    )
+    assert done.status_code == 200, done.text
     page.click("#tab-operations")
+    row = page.locator("#delivery-rows tr").first
+    for _ in range(50):  # until the dispatcher has tried it
+        page.click("#deliveries-refresh")
+        if row.get_attribute("data-status") == "failed":
+            break
+        time.sleep(0.1)
+    expect(row).to_contain_text("completed")
+    expect(row).to_contain_text(f"acme/{damaged}")
+    expect(row).to_contain_text("HTTP 503")
+    row.locator("button.redeliver").click()
+    deadline = time.monotonic() + 10
+    while len(receiver.received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.events() == ["completed", "completed"]
+    assert len(set(receiver.deliveries())) == 1  # the same delivery, sent again
+
+    # a bad duration is refused with the server's reason
     page.fill("#lifecycle-older", "2 days")
     page.click("#lifecycle-form button[type=submit]")
     expect(page.locator("#error")).to_contain_text("older_than")

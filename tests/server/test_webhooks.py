@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,67 +37,8 @@ from sessionkeeper.server.webhooks import (
 from sessionkeeper.store import SessionStore
 from tests.contract.namespaces import drop_namespace
 
-from .conftest import client_of
+from .conftest import SECRET, Receiver, client_of
 from .processes import Served
-
-SECRET = "whsec-test-3f9a"
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server on 127.0.0.1: answers each POST with the next of ``statuses``
-    (200 when they run out) and keeps what it received."""
-
-    url: str
-    statuses: list[int] = field(default_factory=list)
-    received: list[Received] = field(default_factory=list)
-    delay: float = 0.0  # seconds each answer takes
-
-    def events(self) -> list[str]:
-        return [r.headers["x-sessionkeeper-event"] for r in self.received]
-
-    def deliveries(self) -> list[str]:
-        return [r.headers["x-sessionkeeper-delivery"] for r in self.received]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver(url="")
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if state.delay:
-                time.sleep(state.delay)
-            with lock:
-                state.received.append(
-                    Received({k.lower(): v for k, v in self.headers.items()}, body)
-                )
-                status = state.statuses.pop(0) if state.statuses else 200
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def hook_settings(receiver: Receiver, **overrides: Any) -> Settings:

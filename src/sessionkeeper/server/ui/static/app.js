@@ -531,7 +531,7 @@
     $("doctor-verdict").textContent = "";
     $("doctor-verdict").className = "verdict";
     for (const id of ["doctor-warnings", "doctor-figures", "check-rows", "lifecycle-figures",
-      "lifecycle-sample"]) {
+      "lifecycle-sample", "delivery-rows"]) {
       $(id).replaceChildren();
     }
     for (const id of ["doctor-engine", "check-summary", "lifecycle-summary", "restore-result"]) {
@@ -540,6 +540,39 @@
     for (const id of ["check-summary", "check-table", "lifecycle-result", "restore-result"]) {
       show($(id), false);
     }
+  }
+
+  function lastAnswer(d) {
+    const last = d.attempts[d.attempts.length - 1];
+    if (!last) return "";
+    return last.status_code === null ? last.error || "no answer" : `HTTP ${last.status_code}`;
+  }
+
+  async function loadDeliveries() {
+    const current = ticket("deliveries");
+    const found = await api("../v1/admin/webhooks/deliveries", { limit: 20 });
+    if (!current()) return;
+    const rows = found.deliveries.map((d) => el(
+      "tr",
+      { "data-delivery": d.id, "data-status": d.status },
+      el("td", {}, d.event),
+      el("td", {}, `${d.tenant}/${d.session_id}`),
+      el("td", {}, d.status),
+      el("td", { class: "num" }, count(d.attempts.length)),
+      el("td", {}, lastAnswer(d)),
+      el("td", {}, when(d.created_at)),
+      el("td", {}, d.status === "pending" ? null : el("button", {
+        type: "button",
+        class: "redeliver",
+        onclick: (event) => busy(event.currentTarget, async () => {
+          await post(`../v1/admin/webhooks/deliveries/${encodeURIComponent(d.id)}/redeliver`);
+          await loadDeliveries();
+        }),
+      }, "Send again")),
+    ));
+    $("delivery-rows").replaceChildren(...rows);
+    show($("deliveries-table"), rows.length > 0);
+    show($("no-deliveries"), rows.length === 0);
   }
 
   async function loadDoctor() {
@@ -730,7 +763,7 @@
     if (!load) return;
     show($("error"), false);
     const loading = name === "operations"
-      ? loadDoctor().catch(opsFailed)
+      ? Promise.all([loadDoctor(), loadDeliveries()]).catch(opsFailed)
       : name === "analytics" ? loadAnalytics() : reload(false);
     loading.catch(failed);
   }
@@ -749,7 +782,9 @@
       loadStats(),
       loadSessions(true),
       opened ? openSession(opened) : null,
-      view === "operations" ? loadDoctor().catch(opsFailed) : null,
+      view === "operations"
+        ? Promise.all([loadDoctor(), loadDeliveries()]).catch(opsFailed)
+        : null,
       view === "analytics" ? loadAnalytics() : null,
     ]);
   }
@@ -810,6 +845,8 @@
       show($("error"), false);
       loadAnalytics().catch(failed);
     });
+    $("deliveries-refresh").addEventListener("click", (event) =>
+      busy(event.currentTarget, loadDeliveries));
     submit("check-form", runCheck);
     submit("lifecycle-form", dryRun);
     submit("restore-form", restoreSession);
