@@ -107,9 +107,29 @@ async def test_an_export_is_a_header_folders_sessions_and_an_end_line(
 ) -> None:
     await sample(store, 2)
     rows = await exported_lines(store, tmp_path)
-    assert rows[0] == {"format": FORMAT, "version": 1}
-    assert [row["type"] for row in rows[1:]] == ["folder", "session", "session", "end"]
-    assert rows[-1] == {"type": "end", "tenants": 1, "folders": 1, "sessions": 2, "messages": 4}
+    assert rows[0] == {"format": FORMAT, "version": 2}
+    assert [row["type"] for row in rows[1:]] == ["folder", "session", "session", "daily", "end"]
+    assert rows[-1] == {
+        "type": "end",
+        "tenants": 1,
+        "folders": 1,
+        "sessions": 2,
+        "messages": 4,
+        "daily": 1,
+    }
+    assert rows[-2] == {
+        "type": "daily",
+        "tenant": "default",
+        "day": "2023-11-14",
+        "owner": "alice",
+        "created": 2,
+        "completed": 0,
+        "completed_messages": 0,
+        "messages": 4,
+        "input_tokens": 10,
+        "output_tokens": 14,
+        "cost": 0.5,
+    }
     session = rows[2]
     assert session["id"] == "s0"
     assert session["state"] == {"n": 0}
@@ -336,18 +356,50 @@ async def test_keep_going_reports_every_bad_line_and_imports_the_rest(
     assert "is not JSON" in report.errors[1].error
 
 
+async def test_daily_lines_are_set_and_a_version_1_file_still_imports(
+    store: SessionStore, target: SessionStore, tmp_path: Path
+) -> None:
+    rows = await good_rows(store, tmp_path)
+    figures = await store.analytics(days=1)
+    path = write_lines(tmp_path / "v2.jsonl", rows)
+    dry = await import_file(target, path, dry_run=True)
+    assert (dry.daily, (await target.analytics(days=1)).totals.created) == (1, 0)
+    for _ in range(2):  # set, not added: a second import changes nothing
+        report = await import_file(target, path, on_conflict="overwrite")
+        assert report.daily == 1
+        assert await target.analytics(days=1) == figures
+    old = [{"format": FORMAT, "version": 1}]
+    old += [row for row in rows[1:-1] if row["type"] != "daily"]
+    old.append({key: value for key, value in rows[-1].items() if key != "daily"})
+    async with open_store("memory://", clock=FrozenClock()) as fresh:
+        report = await import_file(fresh, write_lines(tmp_path / "v1.jsonl", old))
+        assert (report.imported, report.daily) == (3, 0)
+    bad = [*old[:-1], {**old[-1], "daily": 0}]
+    with pytest.raises(InvalidInput, match="daily: is not a field of a end line"):
+        async with open_store("memory://", clock=FrozenClock()) as fresh:
+            await import_file(fresh, write_lines(tmp_path / "v1-bad.jsonl", bad))
+
+
 @pytest.mark.parametrize(
     ("edit", "error"),
     [
         (lambda rows: rows.__setitem__(0, {"format": "other"}), "line 1: is not a"),
         (
-            lambda rows: rows.__setitem__(0, {"format": FORMAT, "version": 2}),
-            "line 1: is format version 2",
+            lambda rows: rows.__setitem__(0, {"format": FORMAT, "version": 3}),
+            "line 1: is format version 3",
         ),
-        (lambda rows: rows.pop(), "line 6: end: the file ends without its end line"),
-        (lambda rows: rows[-1].update(sessions=9), "line 6: sessions: the end line counts 9"),
-        (lambda rows: rows.append({"type": "session"}), "line 7: comes after the end line"),
-        (lambda rows: rows[2].update(type="note"), "line 3: type: must be folder, session or end"),
+        (lambda rows: rows.pop(), "line 7: end: the file ends without its end line"),
+        (lambda rows: rows[-1].update(sessions=9), "line 7: sessions: the end line counts 9"),
+        (lambda rows: rows.append({"type": "session"}), "line 8: comes after the end line"),
+        (
+            lambda rows: rows[2].update(type="note"),
+            "line 3: type: must be folder, session, daily or end",
+        ),
+        (lambda rows: rows[5].update(day="14/11/2023"), "line 6: day: must be a date"),
+        (lambda rows: rows[5].update(messages=-1), "line 6: messages: must be a whole number"),
+        (lambda rows: rows[5].update(cost="1"), "line 6: cost: must be a number"),
+        (lambda rows: rows[5].update(extra=1), "line 6: extra: is not a field of a daily"),
+        (lambda rows: rows[-1].update(daily=2), "line 7: daily: the end line counts 2"),
         (lambda rows: rows[1].update(name=""), "line 2: name: must not be empty"),
     ],
 )

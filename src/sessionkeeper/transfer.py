@@ -6,15 +6,18 @@ checked like any write and the source is never changed: nothing here renews a se
 Sessions stream page by page (a listing ordered by ``(created_at, id)``) with at most
 ``concurrency`` of them in memory, so memory stays flat however large the store.
 
-The export format (version 1) is JSON Lines, one object per line, every object written
+The export format (version 2) is JSON Lines, one object per line, every object written
 with sorted keys and no spaces (so two exports of equal stores are equal byte for byte):
 
-1. a header: ``{"format":"sessionkeeper-export","version":1}``;
+1. a header: ``{"format":"sessionkeeper-export","version":2}``;
 2. per tenant (sorted): its folders (by id), ``{"type":"folder","tenant",...}``, then its
    live sessions by ``(created_at, id)``, each ONE line ``{"type":"session",...}`` holding
-   every field of the session and its messages, oldest first;
+   every field of the session and its messages, oldest first, then its analytics
+   counters by day and owner, ``{"type":"daily","tenant","day","owner",...}``;
 3. an end line with the counts: ``{"type":"end","tenants","folders","sessions",
-   "messages"}``, so a cut-off file is told from a whole one.
+   "messages","daily"}``, so a cut-off file is told from a whole one.
+
+Version 1 files (no daily lines, no ``daily`` count) are read too.
 
 Times are Unix seconds as written by the store (floats, exact); state, metadata and
 content are JSON values. ``.jsonl.gz`` and ``.jsonl.zst`` files are compressed as they
@@ -33,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import IO, Any, Generic, Literal, TypeVar, cast
 
@@ -40,7 +44,7 @@ import orjson
 
 from .analytics import day_of
 from .errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, SessionKeeperError
-from .models import FolderRecord, MessageRecord, SessionRecord
+from .models import DAILY_COUNTERS, DailyRecord, FolderRecord, MessageRecord, SessionRecord
 from .store import SessionStore
 
 __all__ = [
@@ -55,6 +59,8 @@ __all__ = [
     "Progress",
     "VerifyReport",
     "backup",
+    "daily_line",
+    "daily_lines",
     "export_store",
     "import_file",
     "migrate",
@@ -65,7 +71,8 @@ __all__ = [
 ]
 
 FORMAT = "sessionkeeper-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 EXPORT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 DEFAULT_CONCURRENCY = 8
 _DAILY_SPAN = 7_305  # days of analytics counters a migration copies: twenty years
@@ -112,6 +119,8 @@ _MESSAGE_FIELDS = (
 )
 _FOLDER_FIELDS = ("tenant", "id", "owner", "name", "created_at")
 _END_FIELDS = ("tenants", "folders", "sessions", "messages")
+_DAILY_FIELDS = ("tenant", "day", "owner", *DAILY_COUNTERS)
+_EPOCH = date(1970, 1, 1)
 
 T = TypeVar("T")
 _Export = tuple[SessionRecord, list[MessageRecord]]
@@ -199,6 +208,51 @@ def _check_fields(value: object, names: tuple[str, ...], what: str, prefix: str 
     unknown = sorted(set(value) - set(names) - {"type"})
     if unknown:
         raise InvalidInput(f"{prefix}{unknown[0]}", f"is not a field of a {what}")
+
+
+def daily_line(tenant: str, row: DailyRecord) -> bytes:
+    """One day's analytics counters of one owner as an export line."""
+    counters = {name: getattr(row, name) for name in DAILY_COUNTERS}
+    day = (_EPOCH + timedelta(days=row.day)).isoformat()
+    return _dumps({"type": "daily", "tenant": tenant, "day": day, "owner": row.owner, **counters})
+
+
+async def daily_lines(tenant: SessionStore) -> list[bytes]:
+    """The export lines of a tenant's analytics counters of the last twenty years, by day
+    and owner (after what the store counted is written)."""
+    await tenant.flush_analytics()
+    today = day_of(tenant.clock.now())
+    rows = await tenant.engine.read_daily(
+        tenant.tenant, today - _DAILY_SPAN, today + 1, None, False
+    )
+    rows.sort(key=lambda r: (r.day, r.owner or ""))
+    return [daily_line(tenant.tenant, row) for row in rows]
+
+
+def _daily_of_line(line: dict[str, Any]) -> tuple[str, DailyRecord]:
+    _check_fields(line, _DAILY_FIELDS, "daily line")
+    tenant, day, owner = line["tenant"], line["day"], line["owner"]
+    if not isinstance(tenant, str):
+        raise InvalidInput("tenant", f"must be a string, not {type(tenant).__name__}")
+    try:
+        number = (date.fromisoformat(day) - _EPOCH).days
+    except (TypeError, ValueError):
+        raise InvalidInput("day", f"must be a date as YYYY-MM-DD, not {day!r}") from None
+    if owner is not None and (not isinstance(owner, str) or not owner):
+        raise InvalidInput("owner", "must be a non-empty string or null")
+    row = DailyRecord(number, owner)
+    for name in DAILY_COUNTERS:
+        value = line[name]
+        if name == "cost":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput("cost", f"must be a number, not {type(value).__name__}")
+            value = float(value)
+            if not 0 <= value < float("inf"):
+                raise InvalidInput("cost", "must be a finite number, 0 or more")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(name, f"must be a whole number, 0 or more, not {value!r}")
+        setattr(row, name, value)
+    return tenant, row
 
 
 def _json_text(value: Any) -> str:
@@ -427,6 +481,7 @@ class ExportReport:
     folders: int = 0
     sessions: int = 0
     messages: int = 0
+    daily: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -476,6 +531,9 @@ async def export_store(
                     write(found)
             finally:
                 await window.cancel()
+            for line in await daily_lines(tenant):
+                out.write(line)
+                report.daily += 1
         out.write(
             _dumps(
                 {
@@ -484,6 +542,7 @@ async def export_store(
                     "folders": report.folders,
                     "sessions": report.sessions,
                     "messages": report.messages,
+                    "daily": report.daily,
                 }
             )
         )
@@ -513,6 +572,7 @@ class ImportReport:
     messages: int = 0
     folders_imported: int = 0
     folders_skipped: int = 0
+    daily: int = 0  # analytics counter rows set (or, dry, read)
     errors: list[LineError] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -621,7 +681,12 @@ class _Import:
         self.tenants: dict[str, SessionStore] = {}
         self.lines = 0
         self.sessions_read = 0
+        self.daily_read = 0
+        self.version = FORMAT_VERSION
         self.ended = False
+        # daily lines waiting to be set, for one tenant at a time
+        self.daily: list[DailyRecord] = []
+        self.daily_tenant: str | None = None
 
     def tenant(self, name: object) -> SessionStore:
         if not isinstance(name, str):
@@ -674,14 +739,14 @@ class _Import:
     async def line(self, number: int, text: bytes) -> None:
         self.lines = number
         if number == 1:
-            _check_header(text)
+            self.version = _check_header(text)
             return
         if not text.strip():
             return
         if self.ended:
             raise InvalidInput(f"line {number}", "comes after the end line")
         try:
-            kind, parsed = _parse_line(text)
+            kind, parsed = _parse_line(text, self.version)
             if kind == "session":
                 self.sessions_read += 1
                 # checked before it is queued, so nothing after a bad line is written
@@ -692,8 +757,12 @@ class _Import:
         if kind == "session":
             await self.settle(await self.window.push(self.load(number, record, messages)))
             return
+        if kind == "daily":
+            await self.queue_daily(*parsed)
+            return
         await self.settle(await self.window.drain())  # what came before lands first
         try:
+            await self.set_daily()
             if kind == "folder":
                 await self.load_folder(parsed)
             else:
@@ -714,6 +783,27 @@ class _Import:
         else:
             self.report.folders_skipped += 1
 
+    async def queue_daily(self, tenant: str, row: DailyRecord) -> None:
+        """Keep a daily line; a tenant's lines are set together (set, not added, so an
+        import run again changes nothing), after its sessions landed."""
+        self.daily_read += 1
+        if tenant != self.daily_tenant:
+            await self.settle(await self.window.drain())
+            await self.set_daily()
+            self.daily_tenant = tenant
+        self.daily.append(row)
+        if len(self.daily) >= _PAGE:
+            await self.set_daily()
+
+    async def set_daily(self) -> None:
+        rows, self.daily = self.daily, []
+        if not rows or self.daily_tenant is None:
+            return
+        if not self.dry_run:
+            rows.sort(key=lambda r: (r.day, r.owner or ""))
+            await self.store.engine.add_daily(self.tenant(self.daily_tenant).tenant, rows, True)
+        self.report.daily += len(rows)
+
     def end(self, line: dict[str, Any]) -> None:
         self.ended = True
         if not self.report.failed and line["sessions"] != self.sessions_read:
@@ -722,9 +812,16 @@ class _Import:
                 f"the end line counts {line['sessions']!r} sessions, "
                 f"the file has {self.sessions_read}",
             )
+        if not self.report.failed and line.get("daily", 0) != self.daily_read:
+            raise InvalidInput(
+                "daily",
+                f"the end line counts {line['daily']!r} daily lines, the file has "
+                f"{self.daily_read}",
+            )
 
     async def finish(self) -> None:
         await self.settle(await self.window.drain())
+        await self.set_daily()
         if self.lines == 0:
             raise InvalidInput("path", "holds no lines: not an export, or cut off")
         if not self.ended:
@@ -732,8 +829,9 @@ class _Import:
             await self.fail(self.lines + 1, cut)
 
 
-def _parse_line(text: bytes) -> tuple[str, Any]:
-    """("session", (record, messages)), ("folder", record) or ("end", the line)."""
+def _parse_line(text: bytes, version: int = FORMAT_VERSION) -> tuple[str, Any]:
+    """("session", (record, messages)), ("folder", record), ("daily", (tenant, row)) or
+    ("end", the line)."""
     try:
         line = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -743,13 +841,18 @@ def _parse_line(text: bytes) -> tuple[str, Any]:
         return kind, records_of_line(line)
     if kind == "folder":
         return kind, _folder_of_line(line)
+    if kind == "daily" and version >= 2:
+        return kind, _daily_of_line(line)
     if kind == "end":
-        _check_fields(line, _END_FIELDS, "end line")
+        _check_fields(line, (*_END_FIELDS, "daily") if version >= 2 else _END_FIELDS, "end line")
         return kind, line
+    if version >= 2:
+        raise InvalidInput("type", "must be folder, session, daily or end")
     raise InvalidInput("type", "must be folder, session or end")
 
 
-def _check_header(text: bytes) -> None:
+def _check_header(text: bytes) -> int:
+    """The format version of a header line; InvalidInput if it is none this reads."""
     try:
         line = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -757,11 +860,13 @@ def _check_header(text: bytes) -> None:
     if not isinstance(line, dict) or line.get("format") != FORMAT:
         raise InvalidInput("line 1", f"is not a {FORMAT} header: not an export file")
     version = line.get("version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
         raise InvalidInput(
             "line 1",
-            f"is format version {version!r}; this sessionkeeper reads version {FORMAT_VERSION}",
+            f"is format version {version!r}; this sessionkeeper reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}",
         )
+    return int(version)
 
 
 # --- migrate and verify ----------------------------------------------------------------

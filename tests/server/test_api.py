@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from sessionkeeper import FrozenClock, Settings, open_store
 from sessionkeeper.keys import create_key, revoke_key
 from sessionkeeper.server import create_app
 from sessionkeeper.store import SessionStore
+from sessionkeeper.transfer import import_file
 
 from .conftest import Keys, app_with, client_of, settings
 
@@ -512,7 +514,7 @@ async def test_a_key_rate_limit(store: SessionStore, keys: Keys) -> None:
 
 
 async def test_export_streams_the_export_format(
-    admin: httpx.AsyncClient, alpha: httpx.AsyncClient, beta: httpx.AsyncClient
+    admin: httpx.AsyncClient, alpha: httpx.AsyncClient, beta: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     s = await new_session(alpha, owner="alice", state={"k": "v"})
     await alpha.post(f"/v1/sessions/{s['id']}/messages", json={"messages": [{"role": "u"}]})
@@ -521,13 +523,26 @@ async def test_export_streams_the_export_format(
     response = await admin.get("/v1/admin/export")
     assert response.headers["content-type"].startswith("application/jsonl")
     lines = [orjson.loads(line) for line in response.content.splitlines()]
-    assert lines[0] == {"format": "sessionkeeper-export", "version": 1}
-    assert [line["type"] for line in lines[1:]] == ["folder", "session", "end"]
+    assert lines[0] == {"format": "sessionkeeper-export", "version": 2}
+    assert [line["type"] for line in lines[1:]] == ["folder", "session", "daily", "end"]
     assert lines[2]["state"] == {"k": "v"}
     assert lines[2]["messages"][0]["role"] == "u"
-    assert lines[-1] == {"type": "end", "tenants": 1, "folders": 1, "sessions": 1, "messages": 1}
+    assert (lines[3]["owner"], lines[3]["created"], lines[3]["messages"]) == ("alice", 1, 1)
+    assert lines[-1] == {
+        "type": "end",
+        "tenants": 1,
+        "folders": 1,
+        "sessions": 1,
+        "messages": 1,
+        "daily": 1,
+    }
     everything = await admin.get("/v1/admin/export", params={"all_tenants": "true"})
     assert orjson.loads(everything.content.splitlines()[-1])["sessions"] == 2
+    saved = tmp_path / "all.jsonl"
+    saved.write_bytes(everything.content)
+    async with open_store("memory://") as fresh:
+        report = await import_file(fresh, saved)  # what import reads, end line included
+        assert (report.imported, report.daily, report.failed) == (2, 2, 0)
     tenants = (await admin.get("/v1/admin/tenants")).json()
     assert tenants == {"tenants": ["alpha", "beta"]}
 

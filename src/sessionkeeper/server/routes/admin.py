@@ -71,11 +71,12 @@ async def purge(
 
 
 async def _export_chunks(store: SessionStore, all_tenants: bool) -> AsyncIterator[bytes]:
-    """The export format of ``transfer`` (version 1) in chunks: the header with the first
-    tenant's folders (so an engine that is down fails before the 200), then one session
-    line at a time, read page by page, so memory stays flat however large the tenant."""
+    """The export format of ``transfer`` in chunks: the header with the first tenant's
+    folders (so an engine that is down fails before the 200), then one session line at a
+    time, read page by page, so memory stays flat however large the tenant, then the
+    tenant's analytics counters."""
     names = await store.list_tenants() if all_tenants else [store.tenant]
-    counts = {"tenants": 0, "folders": 0, "sessions": 0, "messages": 0}
+    counts = {"tenants": 0, "folders": 0, "sessions": 0, "messages": 0, "daily": 0}
     chunk = _line({"format": transfer.FORMAT, "version": transfer.FORMAT_VERSION})
     for name in names:
         tenant = store.for_tenant(name)
@@ -102,6 +103,9 @@ async def _export_chunks(store: SessionStore, all_tenants: bool) -> AsyncIterato
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
+        daily = await transfer.daily_lines(tenant)
+        counts["daily"] += len(daily)
+        chunk = b"".join(daily)
     yield chunk + _line({"type": "end", **counts})
 
 
