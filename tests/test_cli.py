@@ -240,6 +240,52 @@ def test_stats_counts_sessions_completion_and_top_owners(sessions: str) -> None:
     assert "alice" in result.stdout
 
 
+def test_stats_counts_within_active_hours_and_refuses_a_bad_window(sessions: str) -> None:
+    stats = run_json(sessions, "stats", "--active-hours", "0.5")
+    assert (stats["recently_active"], stats["active_hours"]) == (4, 0.5)
+    assert "updated in last 0.5 h" in run(sessions, "stats", "--active-hours", "0.5").stdout
+    expect_error(run(sessions, "stats", "--active-hours", "0"), 2, "error: active_hours: ")
+
+
+def test_analytics_prints_periods_and_owners_by_cost(sessions: str) -> None:
+    run_json(sessions, "append", "a1", "user", "hi", "--input-tokens", "5", "--cost", "0.25")
+    found = run_json(sessions, "analytics", "--days", "2")
+    assert [p["created"] for p in found["series"]] == [0, 4]
+    assert (found["totals"]["messages"], found["totals"]["cost"]) == (1, 0.25)
+    assert found["owners"][0] == {
+        "owner": "alice",
+        "start": found["end"],
+        "created": 2,
+        "messages": 1,
+        "input_tokens": 5,
+        "output_tokens": 0,
+        "tokens": 5,
+        "cost": 0.25,
+    }
+    assert run_json(sessions, "analytics", "--no-owner")["totals"]["created"] == 1
+    assert run_json(sessions, "analytics", "--owner", "bob")["totals"]["created"] == 1
+    months = run_json(sessions, "analytics", "--days", "90", "--group-by", "month")
+    assert sum(p["created"] for p in months["series"]) == 4
+    shown = run(sessions, "analytics", "--days", "2")
+    assert shown.exit_code == 0, shown.output
+    assert "owners by cost" in shown.stdout
+    assert "alice" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--days", "0"], "days"),
+        (["--group-by", "year"], "group_by"),
+        (["--until", "2026-13-01"], "--until"),
+        (["--owner", "a", "--no-owner"], "--no-owner"),
+        (["--top", "1001"], "top"),
+    ],
+)
+def test_analytics_refuses_bad_options_naming_them(url: str, args: list[str], field: str) -> None:
+    expect_error(run(url, "analytics", *args), 2, f"error: {field}: ")
+
+
 def _expired_session(url: str, tenant: str) -> None:
     """A session whose TTL ran out long ago: made by the library with a clock in the past."""
     with open_store_sync(url, tenant=tenant, clock=FrozenClock()) as store:

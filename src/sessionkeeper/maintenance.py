@@ -417,12 +417,17 @@ async def archive(
     )
     report.archived = tally.done
     report.messages = tally.messages if to is not None else 0
+    _tell(report, tally)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _tell(report: ArchiveReport | PurgeReport, tally: _Tally) -> None:
+    """What a walk skipped and failed, with its samples, into its report."""
     report.skipped = tally.skipped
     report.failed = tally.failed
     report.errors = tally.errors
     report.sample = tally.sample
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 # --- restore -----------------------------------------------------------------------------
@@ -591,10 +596,7 @@ async def purge(
             progress=progress,
         )
         report.old = tally.done
-        report.skipped = tally.skipped
-        report.failed = tally.failed
-        report.errors = tally.errors
-        report.sample = tally.sample
+        _tell(report, tally)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -48,7 +48,7 @@ from ..models import (
 )
 from ..settings import Settings
 from .base import Engine, Tally, has_gap, tally_differs, totals_differing
-from .turns import Turns
+from .turns import Turns, Waiting
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -840,24 +840,16 @@ class _Acquire:
         await self._pool.release(self._conn)
 
 
-class _Job:
-    """A call waiting for its batch: ``future`` gets its result."""
+class _Job(Waiting):
+    """A call of one session waiting for its batch."""
 
-    __slots__ = ("future", "now", "session_id", "tenant")
+    __slots__ = ("now", "session_id", "tenant")
 
     def __init__(self, tenant: str, session_id: str, now: float) -> None:
+        super().__init__()
         self.tenant = tenant
         self.session_id = session_id
         self.now = now
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def settle(self, result: object) -> None:
-        if not self.future.done():  # its caller may have been cancelled
-            self.future.set_result(result)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
 
     @property
     def size(self) -> int:

@@ -100,7 +100,7 @@ from ..models import (
 from ..settings import Settings
 from .base import Engine, Tally, has_gap, tally_differs
 from .memory import MemoryEngine
-from .turns import Turns
+from .turns import Turns, Waiting
 
 __all__ = ["RedisEngine"]
 
@@ -1577,25 +1577,17 @@ def _hook(
     return hook
 
 
-class _Job:
+class _Job(Waiting):
     """A call waiting for its turn's script: ``future`` gets the script's reply for it.
     ``args`` are its ARGV, ``size`` how many messages it writes or reads at most."""
 
-    __slots__ = ("args", "future", "meta", "size")
+    __slots__ = ("args", "meta", "size")
 
     def __init__(self, meta: str, args: list[str], size: int) -> None:
+        super().__init__()
         self.meta = meta
         self.args = args
         self.size = size
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def settle(self, reply: object) -> None:
-        if not self.future.done():  # its caller may have been cancelled
-            self.future.set_result(reply)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
 
 
 class RedisEngine(Engine):

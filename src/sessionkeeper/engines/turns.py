@@ -8,14 +8,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["MAX_JOBS", "MAX_SIZE", "Turns"]
+__all__ = ["MAX_JOBS", "MAX_SIZE", "Turns", "Waiting"]
 
 # The most jobs, and messages, one batch carries: a batch must stay well within the
 # server timeout.
 MAX_JOBS = 64
 MAX_SIZE = 2000
+
+
+class Waiting:
+    """A call waiting for its batch: ``future`` gets its result, or its error."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(self, result: object) -> None:
+        if not self.future.done():  # its caller may have been cancelled
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 class _Sized(Protocol):
